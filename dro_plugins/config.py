@@ -1,0 +1,223 @@
+"""The run config: one YAML file, validated by pydantic, with ``key=value`` overrides.
+
+Every field's description is user documentation: ``dro validate`` and the error messages quote them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dro_plugins.errors import ConfigError
+
+# Built-in tiny models. Llama layout only: transformers 5 forces its own Qwen2 tokenizer class on any folder whose
+# config says qwen2, which breaks the WordPiece tokenizer the tiny models use.
+TINY_MODELS = ("tiny-llama",)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    """LoRA adapter settings (Hu et al., 2021), passed to ``peft.LoraConfig``."""
+
+    rank: int = Field(8, ge=1, description="LoRA rank r of the low-rank update B @ A.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the LM head."
+    )
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Modules trained in full and saved with the adapter (peft's modules_to_save). Tiny models with "
+        "random weights need [embed_tokens, lm_head]: frozen random embeddings cannot learn to copy a token.",
+    )
+
+
+class TinyModelConfig(_Section):
+    """Shape of a built-in tiny model with random weights (for tests, examples and CPU runs)."""
+
+    layers: int = Field(2, ge=1, description="Number of transformer blocks.")
+    hidden_size: int = Field(64, ge=8, description="Width of the residual stream.")
+    heads: int = Field(4, ge=1, description="Attention heads.")
+    kv_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention).")
+    intermediate_size: int = Field(128, ge=8, description="Width of the MLP.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.heads or self.heads % self.kv_heads:
+            raise ValueError("hidden_size must be divisible by heads, and heads by kv_heads")
+        return self
+
+
+class ModelConfig(_Section):
+    model: str = Field(
+        ...,
+        description="A Hugging Face model id, a local folder, or a built-in tiny model: " + ", ".join(TINY_MODELS) + ".",
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape when `model` is a tiny model.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+    max_passage_words: int = Field(100, ge=1, description="Each passage is cut to this many words in the prompt.")
+
+
+class SelectorConfig(ModelConfig):
+    """The list-wise selector p_S(z | x) (paper §4)."""
+
+    top_k: int = Field(5, ge=1, description="How many candidates the selector picks (k).")
+
+
+class GeneratorConfig(ModelConfig):
+    """The generator p_G(y | x, d_z) (paper §4)."""
+
+    max_new_tokens: int = Field(32, ge=1, description="Longest answer generated at evaluation, in tokens.")
+    length_normalize: bool = Field(
+        False, description="Divide log p(y | x, d_z) by the answer length in tokens (the paper sums; off by default)."
+    )
+
+
+class DataConfig(_Section):
+    train: Path = Field(..., description="Training questions, JSON lines in the ../shared/data format.")
+    validation: Path = Field(..., description="Validation questions, same format; used for early stopping.")
+    max_examples: int | None = Field(None, ge=1, description="Use at most this many questions from each file.")
+    num_candidates: int = Field(20, ge=1, description="Use the first this many candidates of each question.")
+
+
+class WarmupConfig(_Section):
+    """Supervised warm-up before the first E-step (paper §6.4), on passages marked has_answer/is_gold."""
+
+    generator_steps: int = Field(0, ge=0, description="Supervised generator steps on positive passages; 0 = off.")
+    selector_steps: int = Field(0, ge=0, description="Supervised selector steps towards positive passages; 0 = off.")
+    learning_rate: float = Field(1e-3, gt=0, description="Learning rate of both warm-ups.")
+    batch_size: int = Field(16, ge=1, description="Questions per warm-up step.")
+
+
+class DROConfig(_Section):
+    """The EM loop (paper Algorithm 1)."""
+
+    iterations: int = Field(5, ge=1, description="EM iterations N (paper: 5).")
+    num_samples: int = Field(8, ge=1, description="Permutations m sampled per question in the E-step (paper: 8).")
+    temperature: float = Field(1.0, gt=0, description="Selector sampling temperature in the E-step.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate of the M-step, both models.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(8, ge=1, description="Questions per M-step batch (each with num_samples permutations).")
+    m_step_epochs: int = Field(1, ge=1, description="Passes over the E-step samples per M-step.")
+    patience: int = Field(2, ge=1, description="Stop after this many iterations without a better validation F1.")
+    train_selector: bool = Field(True, description="Update the selector in the M-step (Eq. 10).")
+    train_generator: bool = Field(True, description="Update the generator in the M-step (Eq. 11).")
+    weighting: Literal["importance", "uniform"] = Field(
+        "importance", description="'importance' (Eq. 7) or 'uniform' (every sample weight 1/m, an ablation)."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm per model.")
+    max_nan_batches: int = Field(10, ge=1, description="Abort after this many consecutive batches with NaN loss.")
+
+
+class RunConfig(_Section):
+    """A whole `dro optimize` run."""
+
+    data: DataConfig
+    selector: SelectorConfig = Field(default_factory=SelectorConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    dro: DROConfig = Field(default_factory=DROConfig)
+    output_dir: Path = Field(Path("runs/dro"), description="Run folder, relative to the current directory.")
+    seed: int = Field(0, description="Seed for model init, sampling, batch order and dropout.")
+    device: str = Field("auto", description="'auto' (CUDA with bf16 when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    eval_batch_size: int = Field(16, ge=1, description="Questions per batch at validation.")
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> RunConfig:
+        if self.selector.top_k > self.data.num_candidates:
+            raise ValueError(
+                f"selector.top_k ({self.selector.top_k}) is larger than data.num_candidates "
+                f"({self.data.num_candidates}): the selector cannot pick more passages than it is shown"
+            )
+        return self
+
+
+def _field_names(model: type[BaseModel], prefix: str = "") -> list[str]:
+    names = []
+    for name, field in model.model_fields.items():
+        names.append(prefix + name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names += _field_names(annotation, prefix + name + ".")
+    return names
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        known = _field_names(RunConfig)
+        close = difflib.get_close_matches(loc, known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else "; remove it"
+        return f"{loc}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{loc}: required, add it"
+    message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{loc}: {message}{shown}" if loc else message
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError("--set", [f"{key}: '{part}' is a value, not a section"])
+        node = child
+    node[leaf] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``KEY=VALUE`` overrides (values parsed as YAML scalars) to a raw config tree, in place.
+
+    Raises:
+        ConfigError: an override has no ``=``.
+    """
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("--set", [f"'{item}' is not KEY=VALUE, e.g. dro.num_samples=4"])
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a run config from YAML, apply overrides, validate, and resolve data paths.
+
+    Data paths are relative to the config file's folder; ``output_dir`` to the current directory.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or fields are invalid (all problems listed at once).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), ["file not found; pass the path of a run config YAML"])
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}".replace("\n", " ")]) from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(str(path), ["the top level must be a mapping of sections (data:, selector:, ...)"])
+    apply_overrides(tree, list(overrides))
+    try:
+        config = RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(str(path), [_describe(e) for e in exc.errors()]) from None
+    base = path.resolve().parent
+    config.data.train = (base / config.data.train).resolve()
+    config.data.validation = (base / config.data.validation).resolve()
+    return config
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML, as written to the run folder."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

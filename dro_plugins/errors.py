@@ -1,0 +1,28 @@
+"""Errors that the CLI reports as one line each, without a traceback."""
+
+from __future__ import annotations
+
+
+class DROError(Exception):
+    """Base class for problems a user can fix: bad config, bad data, a model that cannot be loaded."""
+
+
+class ConfigError(DROError):
+    """The run config is invalid. ``problems`` holds one line per problem, all found at once."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+class DataError(DROError):
+    """A data file is missing or malformed; the message names the file and line."""
+
+
+class ModelLoadError(DROError):
+    """A selector or generator model cannot be loaded (unknown id, offline, unsafe weights)."""
+
+
+class TrainingError(DROError):
+    """Training cannot go on, for example because losses stay NaN."""

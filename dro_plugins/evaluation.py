@@ -1,0 +1,46 @@
+"""Scoring a selector and generator on questions: EM, F1 and selection recall (recall@k)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+from dro_plugins.data import Example
+from dro_plugins.generator import LMGenerator
+from dro_plugins.metrics import exact_match, f1_score, selection_recall
+from dro_plugins.selector import LMSelector
+
+
+def batches(items: Sequence, size: int) -> list[Sequence]:
+    """Consecutive slices of ``items`` of at most ``size`` elements."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def evaluate(
+    selector: LMSelector,
+    generator: LMGenerator,
+    examples: Sequence[Example],
+    batch_size: int,
+    track: Callable[[Iterable, str, int], Iterable] = lambda it, _desc, _total: it,
+) -> dict:
+    """Select greedily, answer greedily, and score.
+
+    Args:
+        track: wraps the batch loop for progress display: ``track(iterable, description, total)``.
+
+    Returns:
+        ``{"em", "f1", "recall", "predictions"}``: means over questions in [0, 1], and per-question
+        ``{"id", "prediction", "selected"}`` with 0-based candidate indices.
+    """
+    em = f1 = recall = 0.0
+    predictions = []
+    chunks = batches(examples, batch_size)
+    for batch in track(chunks, "evaluate", len(chunks)):
+        selected = selector.select(batch)
+        answers = generator.generate(batch, selected)
+        for example, picks, answer in zip(batch, selected, answers):
+            em += exact_match(answer, example.answers)
+            f1 += f1_score(answer, example.answers)
+            recall += selection_recall([example.candidates[i] for i in picks], example.answers)
+            predictions.append({"id": example.id, "prediction": answer, "selected": picks})
+    n = len(examples)
+    return {"em": em / n, "f1": f1 / n, "recall": recall / n, "predictions": predictions}

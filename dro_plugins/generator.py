@@ -1,0 +1,102 @@
+"""The generator p_G(y | x, d_z): a causal LM that answers from the passages a permutation selects."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dro_plugins.data import Example
+from dro_plugins.lm import left_pad, tail_logits
+from dro_plugins.prompts import generator_prompt, render
+
+
+class LMGenerator:
+    """A causal-LM generator.
+
+    The prompt (chat template applied when the tokenizer has one) lists the selected passages in the
+    permutation's order; the answer is the first gold answer followed by the end-of-sequence token.
+
+    Args:
+        model: a (peft-wrapped) causal LM.
+        tokenizer: its tokenizer; needs ``eos_token_id`` and ``pad_token_id``.
+        max_passage_words: passages are cut to this many words.
+        max_new_tokens: longest generated answer, in tokens.
+        length_normalize: divide log-likelihoods by the answer length in tokens.
+    """
+
+    def __init__(self, model, tokenizer, max_passage_words: int, max_new_tokens: int = 32, length_normalize: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_passage_words = max_passage_words
+        self.max_new_tokens = max_new_tokens
+        self.length_normalize = length_normalize
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt_ids(self, example: Example, permutation: Sequence[int]) -> list[int]:
+        """Token ids of the generator prompt for one question and one permutation."""
+        passages = [example.candidates[i] for i in permutation]
+        text = render(self.tokenizer, generator_prompt(example.question, passages, self.max_passage_words))
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Target tokens of an answer: its tokens plus end-of-sequence, so the model learns to stop."""
+        return self.tokenizer.encode(answer, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+
+    def log_likelihood(self, batch: Sequence[Example], permutations: torch.Tensor) -> torch.Tensor:
+        """Differentiable log p_G(y | x, d_z): the sum of answer-token log-probs, prompt tokens masked.
+
+        Args:
+            batch: B questions; y is each question's first answer.
+            permutations: ``[B, m, k]`` long, 0-based candidate indices.
+
+        Returns:
+            ``[B, m]`` float32 log-likelihoods (nats), divided by the answer length when length-normalised.
+        """
+        batch_size, num_samples, _ = permutations.shape
+        sequences, targets = [], []
+        for b, example in enumerate(batch):
+            answer = self.answer_ids(example.target)
+            for permutation in permutations[b].tolist():
+                sequences.append(self.prompt_ids(example, permutation) + answer)
+                targets.append(answer)
+        longest = max(len(t) for t in targets)
+        logits = tail_logits(self.model, sequences, longest + 1, self.tokenizer.pad_token_id, self.device)[:, :-1]
+        # right-align the targets with the kept logits: row r's answer fills the last len(answer) slots
+        target_ids = torch.zeros(len(targets), longest, dtype=torch.long)
+        is_answer = torch.zeros(len(targets), longest, dtype=torch.bool)
+        for r, target in enumerate(targets):
+            target_ids[r, longest - len(target) :] = torch.tensor(target)
+            is_answer[r, longest - len(target) :] = True
+        target_ids, is_answer = target_ids.to(logits.device), is_answer.to(logits.device)
+        token_log_probs = logits.log_softmax(-1).gather(2, target_ids[:, :, None]).squeeze(2)
+        total = (token_log_probs * is_answer).sum(-1)
+        if self.length_normalize:
+            total = total / is_answer.sum(-1)
+        return total.view(batch_size, num_samples)
+
+    @torch.no_grad()
+    def generate(self, batch: Sequence[Example], permutations: Sequence[Sequence[int]]) -> list[str]:
+        """Greedy answers, one per question, from the passages of its permutation.
+
+        Args:
+            batch: B questions.
+            permutations: B permutations (0-based candidate indices).
+        """
+        was_training = self.model.training
+        self.model.eval()
+        prompts = [self.prompt_ids(ex, perm) for ex, perm in zip(batch, permutations)]
+        ids, mask, _ = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
+        output = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        self.model.train(was_training)
+        return [s.strip() for s in self.tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)]

