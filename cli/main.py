@@ -1,0 +1,207 @@
+"""The ``dro`` command line: optimize, validate and evaluate DRO runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dro_plugins.config import RunConfig, load_config
+from dro_plugins.data import load_examples
+from dro_plugins.errors import DROError
+
+app = typer.Typer(
+    help="Fine-tune a RAG pipeline's selector and generator end to end with DRO (arXiv 2505.03075).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config value, e.g. --set dro.num_samples=4 (repeatable)."),
+]
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+def _fail(message: str, code: int = 2):
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load_data(config: RunConfig):
+    data = config.data
+    k = config.selector.top_k
+    train = load_examples(data.train, data.num_candidates, k, data.max_examples)
+    validation = load_examples(data.validation, data.num_candidates, k, data.max_examples)
+    return train, validation
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def _tracker(progress: Progress):
+    def track(iterable, description: str, total: int):
+        task = progress.add_task(description, total=total)
+        try:
+            for item in iterable:
+                yield item
+                progress.advance(task)
+        finally:
+            progress.remove_task(task)
+
+    return track
+
+
+def _history_table(history: list[dict], num_samples: int) -> Table:
+    table = Table(title="validation per EM iteration")
+    for column in ("iteration", "stage", "EM", "F1", "recall", "ESS", "selector loss", "generator loss"):
+        table.add_column(column, justify="right")
+    for line in history:
+        cell = lambda key, fmt="{:.3f}": fmt.format(line[key]) if key in line else "-"  # noqa: E731
+        table.add_row(
+            str(line["iteration"]),
+            line["stage"],
+            cell("em"),
+            cell("f1"),
+            cell("recall"),
+            cell("ess", "{:.2f}/" + str(num_samples)),
+            cell("selector_loss"),
+            cell("generator_loss"),
+        )
+    return table
+
+
+def _check_resume(config: RunConfig, restart: bool) -> None:
+    from dro_plugins.run import RunPaths
+
+    paths = RunPaths(config.output_dir)
+    if restart:
+        shutil.rmtree(paths.root, ignore_errors=True)
+        return
+    if not paths.config.is_file():
+        return
+    saved = load_config(paths.config).model_dump(mode="json")
+    wanted = config.model_dump(mode="json")
+    changed = [f"{s}.{k}" for s in wanted if isinstance(wanted[s], dict) for k in wanted[s] if wanted[s][k] != saved.get(s, {}).get(k)]
+    changed += [s for s in wanted if not isinstance(wanted[s], dict) and wanted[s] != saved.get(s)]
+    changed = [c for c in changed if c != "dro.iterations"]  # more iterations on resume is fine
+    if changed:
+        raise DROError(
+            f"output_dir {paths.root} holds a run with a different config ({', '.join(changed)}); "
+            "pass --restart to start over there, or set output_dir to a new folder"
+        )
+    console.print(f"resuming the run in {paths.root}")
+
+
+@app.command()
+def optimize(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Run config YAML (see examples/nq/config.yaml).")],
+    overrides: SetOption = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Delete output_dir and start over instead of resuming.")] = False,
+):
+    """Train the selector and generator with DRO and write a run folder.
+
+    Re-running the same command resumes an interrupted run from its last checkpoint. Ctrl-C stops after the
+    current batch and saves; a second Ctrl-C aborts at once.
+    """
+    _quiet_libraries()
+    from dro_plugins.run import build_models
+    from dro_plugins.trainer import DROTrainer, Interrupted
+
+    try:
+        config = load_config(config_path, overrides or [])
+        train, validation = _load_data(config)
+        _check_resume(config, restart)
+        console.print(f"{len(train)} training and {len(validation)} validation questions; loading models")
+        selector, generator = build_models(config, config.output_dir)
+        with _progress() as progress:
+            trainer = DROTrainer(
+                config, selector, generator, train, validation, config.output_dir,
+                track=_tracker(progress), log=lambda line: progress.console.print(line, highlight=False),
+            )
+            report = trainer.fit()
+    except Interrupted as exc:
+        console.print(f"[yellow]{exc}[/]\nresume with: dro optimize {config_path}")
+        raise typer.Exit(130)
+    except DROError as exc:
+        _fail(str(exc))
+    console.print(_history_table(report["history"], config.dro.num_samples))
+    best = report["validation"]
+    console.print(
+        f"best: iteration {best['iteration']}  EM {best['em']:.3f}  F1 {best['f1']:.3f}  recall {best['recall']:.3f}\n"
+        f"run folder: {config.output_dir}"
+    )
+
+
+@app.command()
+def validate(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Run config YAML.")],
+    overrides: SetOption = None,
+):
+    """Check a run config and its data files; exit 0 when usable, 2 with every problem listed otherwise."""
+    try:
+        config = load_config(config_path, overrides or [])
+        train, validation = _load_data(config)
+    except DROError as exc:
+        _fail(str(exc))
+    console.print(f"[green]ok[/]: {config_path} ({len(train)} training, {len(validation)} validation questions)")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by dro optimize.")],
+    data: Annotated[Path, typer.Option("--data", help="Question file to score, in the ../shared/data format.")],
+    max_examples: Annotated[int | None, typer.Option(help="Score at most this many questions.")] = None,
+    device: Annotated[str | None, typer.Option(help="Override the run's device, e.g. cpu.")] = None,
+):
+    """Score a trained run's best selector and generator on another question file (EM, F1, recall@k)."""
+    _quiet_libraries()
+    from dro_plugins.evaluation import evaluate as score
+    from dro_plugins.run import RunPaths, load_trained
+
+    try:
+        if not RunPaths(run_dir).config.is_file():
+            raise DROError(f"{run_dir}: not a run folder (no config.yaml); pass the output_dir of dro optimize")
+        config, selector, generator = load_trained(run_dir, device)
+        examples = load_examples(data, config.data.num_candidates, config.selector.top_k, max_examples)
+        with _progress() as progress:
+            result = score(selector, generator, examples, config.eval_batch_size, _tracker(progress))
+    except DROError as exc:
+        _fail(str(exc))
+    out = Path(run_dir) / f"evaluation_{Path(data).stem}.json"
+    out.write_text(json.dumps({"data": str(data), **result}, indent=1))
+    table = Table(title=f"{data} ({len(examples)} questions)")
+    for column in ("EM", "F1", f"recall@{config.selector.top_k}"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{result['em']:.3f}", f"{result['f1']:.3f}", f"{result['recall']:.3f}")
+    console.print(table)
+    console.print(f"predictions: {out}")
+
+
+if __name__ == "__main__":
+    app()

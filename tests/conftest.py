@@ -1,0 +1,66 @@
+"""Shared fixtures: offline hub, small thread count, tiny models and synthetic data."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+import yaml
+
+from dro_plugins.config import LoraConfig, TinyModelConfig
+from dro_plugins.models import add_lora, build_tiny_model, tiny_tokenizer
+
+TINY_LORA = {"rank": 8, "alpha": 16, "modules_to_save": ["embed_tokens", "lm_head"]}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_lm(tokenizer):
+    """A fresh tiny Llama with LoRA adapters (and trainable embeddings), float32 on CPU."""
+
+    def make(seed: int = 0, modules_to_save=("embed_tokens", "lm_head")):
+        model = build_tiny_model("tiny-llama", TinyModelConfig(), tokenizer, seed)
+        return add_lora(model, LoraConfig(modules_to_save=list(modules_to_save) or None))
+
+    return make
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a run config YAML (a dict) into tmp_path and return its path."""
+
+    def write(tree: dict, name: str = "config.yaml"):
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(tree))
+        return path
+
+    return write
+
+
+def tiny_run_config(train: str, validation: str, output_dir: str, **sections) -> dict:
+    """A run config tree for tiny models; ``sections`` are merged into the defaults."""
+    tree = {
+        "data": {"train": train, "validation": validation, "num_candidates": 8},
+        "selector": {"model": "tiny-llama", "top_k": 2, "lora": dict(TINY_LORA)},
+        "generator": {"model": "tiny-llama", "max_new_tokens": 4, "lora": dict(TINY_LORA)},
+        "dro": {"iterations": 1, "num_samples": 2, "batch_size": 8, "learning_rate": 3e-3},
+        "output_dir": output_dir,
+        "device": "cpu",
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            tree.setdefault(key, {}).update(value)
+        else:
+            tree[key] = value
+    return tree
+
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
