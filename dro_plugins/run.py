@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from dro_plugins.config import RunConfig, load_config
 from dro_plugins.generator import LMGenerator
 from dro_plugins.models import add_lora, load_base_model, load_lora, resolve_device
@@ -78,6 +80,7 @@ def build_models(config: RunConfig, run_dir: Path, adapters: Path | None = None,
         base, tokenizer = load_base_model(section, f"{role}.model", paths.tiny_base(role), config.seed + offset)
         base.to(device=device, dtype=dtype)
         if adapters is None:
+            torch.manual_seed(config.seed + offset)  # LoRA's initialisation draws from the global RNG
             model = add_lora(base, section.lora)
         else:
             model = load_lora(base, adapters / role, trainable=trainable)

@@ -1,0 +1,101 @@
+"""`dro optimize / validate / evaluate` end to end, in process, on a slice of ../shared/data/musique."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dro_plugins.cli.main import app
+from dro_plugins.trainer import DROTrainer
+from tests.conftest import tiny_run_config
+
+MUSIQUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "musique"
+pytestmark = pytest.mark.skipif(not MUSIQUE.is_dir(), reason="../shared/data is not beside the checkout")
+
+
+def musique_config(write_config, tmp_path, name="run", iterations=1):
+    tree = tiny_run_config(
+        str(MUSIQUE / "train.jsonl"),
+        str(MUSIQUE / "validation.jsonl"),
+        str(tmp_path / name),
+        data={"max_examples": 12, "num_candidates": 6},
+        selector={"max_passage_words": 8},
+        generator={"max_passage_words": 12},
+        warmup={"generator_steps": 2, "selector_steps": 2, "batch_size": 4},
+        dro={"iterations": iterations, "num_samples": 2, "batch_size": 4, "patience": 5},
+        eval_batch_size=6,
+    )
+    return write_config(tree, f"{name}.yaml")
+
+
+def test_optimize_writes_the_run_folder_and_evaluate_scores_it(write_config, tmp_path):
+    config = musique_config(write_config, tmp_path)
+    result = CliRunner().invoke(app, ["optimize", str(config)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "report.json", "samples/iteration_001.jsonl", "checkpoint/state.json"):
+        assert (run / name).is_file(), name
+    for role in ("selector", "generator"):
+        assert (run / role / "adapter_model.safetensors").is_file()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(l["iteration"], l["stage"]) for l in lines] == [(0, "before_warmup"), (0, "dro"), (1, "dro")]
+    assert {"em", "f1", "recall", "ess", "weight_entropy", "evidence", "selector_loss", "generator_loss"} <= set(lines[-1])
+    assert 1.0 <= lines[-1]["ess"] <= 2.0
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["validation"]) >= {"em", "f1", "recall"}
+    assert len(report["history"]) == 3
+    sample = json.loads((run / "samples/iteration_001.jsonl").read_text().splitlines()[0])
+    assert len(sample["permutations"]) == 2 and sum(sample["weights"]) == pytest.approx(1.0)
+
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(MUSIQUE / "train.jsonl"), "--max-examples", "5"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads((run / "evaluation_train.json").read_text())
+    assert len(scored["predictions"]) == 5 and 0.0 <= scored["f1"] <= 1.0
+
+
+def test_interrupt_and_resume_give_the_same_result(write_config, tmp_path, monkeypatch):
+    straight = musique_config(write_config, tmp_path, "straight", iterations=2)
+    assert CliRunner().invoke(app, ["optimize", str(straight)]).exit_code == 0
+
+    resumed = musique_config(write_config, tmp_path, "resumed", iterations=2)
+    real_step = DROTrainer._step
+    calls = {"n": 0}
+
+    def step_then_interrupt(self, role, loss, optimizer, state=None):
+        real_step(self, role, loss, optimizer, state)
+        if state is not None:  # an M-step update, not warm-up
+            calls["n"] += 1
+            if calls["n"] == 3:
+                self.stop_requested = True  # what the Ctrl-C handler does
+
+    monkeypatch.setattr(DROTrainer, "_step", step_then_interrupt)
+    first = CliRunner().invoke(app, ["optimize", str(resumed)])
+    assert first.exit_code == 130, first.output
+    assert "checkpoint saved" in first.output
+    monkeypatch.setattr(DROTrainer, "_step", real_step)
+    second = CliRunner().invoke(app, ["optimize", str(resumed)])
+    assert second.exit_code == 0, second.output
+    assert "resuming" in second.output
+
+    def metrics(name):
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        return [(l["iteration"], l["em"], l["f1"], l["recall"], l.get("ess")) for l in report["history"]]
+
+    assert metrics("resumed") == metrics("straight")
+
+
+def test_validate_exit_codes(write_config, tmp_path):
+    good = musique_config(write_config, tmp_path)
+    assert CliRunner().invoke(app, ["validate", str(good)]).exit_code == 0
+    bad = CliRunner().invoke(app, ["validate", str(good), "--set", "dro.num_samples=0"])
+    assert bad.exit_code == 2
+    assert "dro.num_samples" in bad.output
+
+
+def test_changed_config_does_not_silently_resume(write_config, tmp_path):
+    config = musique_config(write_config, tmp_path)
+    assert CliRunner().invoke(app, ["optimize", str(config)]).exit_code == 0
+    clash = CliRunner().invoke(app, ["optimize", str(config), "--set", "dro.learning_rate=0.1"])
+    assert clash.exit_code == 2
+    assert "different config (dro.learning_rate)" in clash.output

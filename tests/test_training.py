@@ -1,0 +1,82 @@
+"""One short DRO run on synthetic data: what the M-step may and may not change, and NaN handling."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dro_plugins.config import RunConfig
+from dro_plugins.data import load_examples, write_examples
+from dro_plugins.errors import TrainingError
+from dro_plugins.run import build_models
+from dro_plugins.synthetic import make_dataset
+from dro_plugins.trainer import DROTrainer
+from tests.conftest import tiny_run_config
+
+
+@pytest.fixture
+def small_run(tmp_path):
+    train = write_examples(make_dataset(16, 8, seed=1), tmp_path / "train.jsonl")
+    validation = write_examples(make_dataset(8, 8, seed=2), tmp_path / "validation.jsonl")
+
+    runs = iter(range(100))
+
+    def make(**sections):
+        tree = tiny_run_config(str(train), str(validation), str(tmp_path / f"run{next(runs)}"), **sections)
+        config = RunConfig.model_validate(tree)
+        selector, generator = build_models(config, Path(config.output_dir))
+        examples = [load_examples(p, 8, 2) for p in (train, validation)]
+        return DROTrainer(config, selector, generator, *examples, Path(config.output_dir))
+
+    return make
+
+
+def _snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_m_step_changes_lora_and_leaves_base_weights(small_run):
+    trainer = small_run(dro={"iterations": 1, "num_samples": 2, "batch_size": 4})
+    before = {role: _snapshot(m) for role, m in trainer.models.items()}
+    trainer.fit()
+    for role, model in trainer.models.items():
+        lora = base = 0
+        for name, param in model.named_parameters():
+            changed = not torch.equal(before[role][name], param.detach())
+            if "lora_" in name:
+                lora += 1
+                assert changed, f"{role}: LoRA parameter {name} did not change"
+            elif not param.requires_grad:
+                base += 1
+                assert not changed, f"{role}: frozen base weight {name} changed"
+        assert lora > 0 and base > 0
+
+
+def test_frozen_selector_is_not_updated(small_run):
+    trainer = small_run(dro={"train_selector": False})
+    before = _snapshot(trainer.models["selector"])
+    trainer.fit()
+    after = _snapshot(trainer.models["selector"])
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_nan_batches_are_skipped_then_abort(small_run, monkeypatch):
+    trainer = small_run(dro={"max_nan_batches": 3, "batch_size": 4})
+    real = trainer.generator.log_likelihood
+    calls = {"n": 0}
+
+    def sometimes_nan(batch, permutations):
+        calls["n"] += 1
+        values = real(batch, permutations)
+        # E-step calls come first (4 batches); poison the first M-step batch only
+        return values * float("nan") if calls["n"] == 5 else values
+
+    monkeypatch.setattr(trainer.generator, "log_likelihood", sometimes_nan)
+    report = trainer.fit()
+    assert report["nan_batches"] == 1
+    assert report["history"][-1]["nan_batches"] == 1
+
+    always = small_run(dro={"max_nan_batches": 2, "batch_size": 4, "train_selector": False})
+    monkeypatch.setattr(always.generator, "log_likelihood", lambda b, p: real(b, p) * float("nan"))
+    with pytest.raises(TrainingError, match="NaN/inf for 2 batches in a row"):
+        always.fit()
