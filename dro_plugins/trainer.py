@@ -52,6 +52,10 @@ def _rng(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash(parts) % (2**63))  # int tuples hash the same in every process
 
 
+def _adamw(model, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
 def supervised_permutation(example: Example, top_k: int) -> list[int] | None:
     """Warm-up target: positive candidates first, then the others, in first-stage order; None without positives."""
     positives = [i for i, p in enumerate(example.candidates) if passage_has_answer(p, example.answers)]
@@ -95,10 +99,7 @@ class DROTrainer:
         self.stop_requested = False
         lr, wd = config.dro.learning_rate, config.dro.weight_decay
         self.models = {"selector": selector.model, "generator": generator.model}
-        self.optimizers = {
-            role: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
-            for role, model in self.models.items()
-        }
+        self.optimizers = {role: _adamw(model, lr, wd) for role, model in self.models.items()}
         self.consecutive_nan = 0
         self.losses: dict[str, list[float]] = {}
 
@@ -157,10 +158,7 @@ class DROTrainer:
             self.log("warm-up skipped: no training question has a passage labelled has_answer/is_gold")
             return
         warm = self.config.warmup
-        optimizers = {
-            role: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=warm.learning_rate)
-            for role, model in self.models.items()
-        }
+        optimizers = {role: _adamw(model, warm.learning_rate) for role, model in self.models.items()}
         for offset, (role, steps) in enumerate((("generator", generator_steps), ("selector", selector_steps))):
             rng = random.Random(self.config.seed * 7919 + offset)
             for _ in self.track(range(steps), f"warm-up {role}", steps):
@@ -237,7 +235,8 @@ class DROTrainer:
             batch = [self.train_set[i] for i in index.tolist()]
             perms, w = permutations[index], weights[index]
             if dro.train_selector:
-                self._step("selector", selector_loss(w, self.selector.log_prob(batch, perms)), self.optimizers["selector"], state)
+                loss = selector_loss(w, self.selector.log_prob(batch, perms), baseline=dro.baseline)
+                self._step("selector", loss, self.optimizers["selector"], state)
             if dro.train_generator:
                 self._step("generator", generator_loss(w, self.generator.log_likelihood(batch, perms)), self.optimizers["generator"], state)
             state.batches_done = done
