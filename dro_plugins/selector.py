@@ -116,12 +116,14 @@ class LMSelector:
             batch: B questions.
             num_samples: m.
             temperature: softmax temperature at each constrained step.
-            rng: CPU generator for reproducible draws; a fresh unseeded one when None.
+            rng: CPU generator for reproducible draws; when None, one seeded from the global torch RNG
+                (drawing from it rather than re-seeding it, so the caller's seeding stays in effect).
 
         Returns:
             :class:`SampleBatch` with permutations ``[B, m, k]`` and their log-probs ``[B, m]``.
         """
-        rng = rng if rng is not None else torch.Generator().manual_seed(torch.seed())
+        if rng is None:
+            rng = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
         permutations, log_probs = self._decode(batch, num_samples, self.top_k, temperature, rng)
         return SampleBatch(permutations, log_probs)
 
