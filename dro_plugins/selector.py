@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 
 from dro_plugins.data import Example
-from dro_plugins.lm import left_pad, tail_logits
+from dro_plugins.lm import continuation_hidden, extend, run_shared_prompt, token_logits
 from dro_plugins.permutation import DecodingState, PermutationGrammar
 from dro_plugins.prompts import render, selector_prompt
 
@@ -72,18 +72,15 @@ class LMSelector:
         was_training = self.model.training
         self.model.eval()
         states = [DecodingState(self.grammar(len(ex.candidates), top_k)) for ex in batch for _ in range(num_samples)]
-        prompts = [self.prompt_ids(ex, top_k) for ex in batch for _ in range(num_samples)]
         pad = self.tokenizer.pad_token_id
-        ids, mask, positions = left_pad(prompts, pad, self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        shared = run_shared_prompt(self.model, [self.prompt_ids(ex, top_k) for ex in batch], num_samples, pad, self.device)
         log_probs = torch.zeros(len(states))
-        next_position = positions[:, -1:] + 1
-        while not all(state.done for state in states):
+        while True:
             allowed = [state.allowed() or (pad,) for state in states]
             width = max(len(a) for a in allowed)
             allowed_ids = torch.tensor([list(a) + [pad] * (width - len(a)) for a in allowed])
             valid = torch.tensor([[i < len(a) for i in range(width)] for a in allowed])
-            scores = out.logits[:, -1].float().cpu().gather(1, allowed_ids)
+            scores = token_logits(self.model, shared.hidden, allowed_ids).cpu()
             step_log_probs = _masked_log_softmax(scores, valid, temperature)
             if rng is None:
                 picked = step_log_probs.argmax(-1, keepdim=True)
@@ -94,15 +91,9 @@ class LMSelector:
             for state, token in zip(states, tokens.tolist()):
                 if not state.done:
                     state.advance(token)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = self.model(
-                input_ids=tokens[:, None].to(self.device),
-                attention_mask=mask,
-                position_ids=next_position,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
-            next_position = next_position + 1
+            if all(state.done for state in states):
+                break
+            _, shared = extend(self.model, shared, tokens[:, None])
         self.model.train(was_training)
         permutations = torch.tensor([state.picked for state in states]).view(len(batch), num_samples, top_k)
         return permutations, log_probs.view(len(batch), num_samples)
@@ -147,19 +138,17 @@ class LMSelector:
             ValueError: a permutation is not valid for its question.
         """
         batch_size, num_samples, top_k = permutations.shape
-        sequences, choices, out_lengths = [], [], []
+        outputs, choices = [], []
         for b, example in enumerate(batch):
             grammar = self.grammar(len(example.candidates), top_k)
-            prompt = self.prompt_ids(example, top_k)
             for permutation in permutations[b].tolist():
-                output = grammar.encode(permutation)
-                sequences.append(prompt + output)
-                out_lengths.append(len(output))
+                outputs.append(grammar.encode(permutation))
                 choices.append(grammar.choices(permutation))
-        longest = max(out_lengths)
-        logits = tail_logits(self.model, sequences, longest + 1, self.tokenizer.pad_token_id, self.device)
+        pad = self.tokenizer.pad_token_id
+        shared = run_shared_prompt(self.model, [self.prompt_ids(ex, top_k) for ex in batch], num_samples, pad, self.device)
+        hidden = continuation_hidden(self.model, shared, outputs, pad)
 
-        rows = len(sequences)
+        rows = len(outputs)
         num_choices = max(1, max(len(c) for c in choices))
         width = max([1] + [len(ch.allowed) for row in choices for ch in row])
         position = torch.zeros(rows, num_choices, dtype=torch.long)
@@ -169,14 +158,12 @@ class LMSelector:
         chosen = torch.zeros(rows, num_choices, dtype=torch.long)
         for r, row in enumerate(choices):
             for c, choice in enumerate(row):
-                # the token at output offset o is predicted by kept logits index (longest - length + o)
-                position[r, c] = longest - out_lengths[r] + choice.offset
+                position[r, c] = choice.offset  # logits index o predicts output token o
                 allowed_ids[r, c, : len(choice.allowed)] = torch.tensor(choice.allowed)
                 valid[r, c, : len(choice.allowed)] = True
                 chosen[r, c] = choice.chosen
-        device = logits.device
-        at_choices = logits.gather(1, position.to(device)[:, :, None].expand(-1, -1, logits.shape[-1]))
-        scores = at_choices.gather(2, allowed_ids.to(device))
-        step = _masked_log_softmax(scores, valid.to(device), temperature)
+        device = hidden.device
+        at_choices = hidden.gather(1, position.to(device)[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [rows, C, H]
+        step = _masked_log_softmax(token_logits(self.model, at_choices, allowed_ids), valid.to(device), temperature)
         picked = step.gather(2, chosen.to(device)[:, :, None]).squeeze(2)
         return picked.sum(-1).view(batch_size, num_samples)

@@ -56,13 +56,17 @@ def _adamw(model, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
 
 
-def supervised_permutation(example: Example, top_k: int) -> list[int] | None:
-    """Warm-up target: positive candidates first, then the others, in first-stage order; None without positives."""
+def supervised_permutation(example: Example, top_k: int, rng: random.Random) -> list[int] | None:
+    """Warm-up target: the positive candidates first, then other candidates drawn at random; None without positives.
+
+    The filler is random rather than first-stage order so that the warm-up teaches which passages help,
+    not a preference for early positions.
+    """
     positives = [i for i, p in enumerate(example.candidates) if passage_has_answer(p, example.answers)]
     if not positives:
         return None
     others = [i for i in range(len(example.candidates)) if i not in positives]
-    return (positives + others)[:top_k]
+    return (positives + rng.sample(others, len(others)))[:top_k]
 
 
 class DROTrainer:
@@ -153,7 +157,7 @@ class DROTrainer:
     def _warmup(self, generator_steps: int, selector_steps: int) -> None:
         """Supervised steps on labelled positives: the generator reads them, the selector learns to pick them."""
         k = self.config.selector.top_k
-        labelled = [(ex, perm) for ex in self.train_set if (perm := supervised_permutation(ex, k)) is not None]
+        labelled = [ex for ex in self.train_set if any(passage_has_answer(p, ex.answers) for p in ex.candidates)]
         if not labelled:
             self.log("warm-up skipped: no training question has a passage labelled has_answer/is_gold")
             return
@@ -162,13 +166,13 @@ class DROTrainer:
         for offset, (role, steps) in enumerate((("generator", generator_steps), ("selector", selector_steps))):
             rng = random.Random(self.config.seed * 7919 + offset)
             for _ in self.track(range(steps), f"warm-up {role}", steps):
-                chosen = rng.sample(labelled, min(warm.batch_size, len(labelled)))
-                batch = [ex for ex, _ in chosen]
+                batch = rng.sample(labelled, min(warm.batch_size, len(labelled)))
+                targets = [supervised_permutation(ex, k, rng) for ex in batch]
                 if role == "generator":  # shuffled so the answer's position carries no signal
-                    perms = torch.tensor([rng.sample(perm, len(perm)) for _, perm in chosen])[:, None]
+                    perms = torch.tensor([rng.sample(perm, len(perm)) for perm in targets])[:, None]
                     loss = generator_loss(torch.ones(len(batch), 1), self.generator.log_likelihood(batch, perms))
                 else:
-                    perms = torch.tensor([perm for _, perm in chosen])[:, None]
+                    perms = torch.tensor(targets)[:, None]
                     loss = selector_loss(torch.ones(len(batch), 1), self.selector.log_prob(batch, perms))
                 self._step(role, loss, optimizers[role])
                 if self.stop_requested:
@@ -235,7 +239,7 @@ class DROTrainer:
             batch = [self.train_set[i] for i in index.tolist()]
             perms, w = permutations[index], weights[index]
             if dro.train_selector:
-                loss = selector_loss(w, self.selector.log_prob(batch, perms), baseline=dro.baseline)
+                loss = selector_loss(w, self.selector.log_prob(batch, perms))
                 self._step("selector", loss, self.optimizers["selector"], state)
             if dro.train_generator:
                 self._step("generator", generator_loss(w, self.generator.log_likelihood(batch, perms)), self.optimizers["generator"], state)

@@ -57,12 +57,3 @@ def test_diagnostics_by_hand():
     assert evidence(LOG_LIK).item() == pytest.approx(math.log(1 / 3))
     assert effective_sample_size(torch.tensor([[1.0, 0.0, 0.0]])).item() == pytest.approx(1.0)
     assert weight_entropy(torch.tensor([[1.0, 0.0, 0.0]])).item() == pytest.approx(0.0)
-
-
-def test_selector_baseline_by_hand():
-    weights = torch.tensor([[0.5, 0.25, 0.25]])
-    log_probs = torch.tensor([[-1.0, -2.0, -4.0]])
-    # (w - 1/3): 1/6, -1/12, -1/12 -> -(1/6 * -1 + -1/12 * -2 + -1/12 * -4) = 1/6 - 1/2 = -1/3
-    assert selector_loss(weights, log_probs, baseline=True).item() == pytest.approx(-1 / 3)
-    # equal weights carry no preference: the baselined loss is exactly zero
-    assert selector_loss(torch.full((1, 3), 1 / 3), log_probs, baseline=True).item() == pytest.approx(0.0)

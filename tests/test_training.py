@@ -1,5 +1,7 @@
 """One short DRO run on synthetic data: what the M-step may and may not change, and NaN handling."""
 
+import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from dro_plugins.data import load_examples, write_examples
 from dro_plugins.errors import TrainingError
 from dro_plugins.run import build_models
 from dro_plugins.synthetic import make_dataset
-from dro_plugins.trainer import DROTrainer
+from dro_plugins.trainer import DROTrainer, supervised_permutation
 from tests.conftest import tiny_run_config
 
 
@@ -80,3 +82,15 @@ def test_nan_batches_are_skipped_then_abort(small_run, monkeypatch):
     monkeypatch.setattr(always.generator, "log_likelihood", lambda b, p: real(b, p) * float("nan"))
     with pytest.raises(TrainingError, match="NaN/inf for 2 batches in a row"):
         always.fit()
+
+
+def test_warmup_target_puts_positives_first_and_draws_the_rest():
+    example = make_dataset(1, 8, seed=3)[0]
+    gold = next(i for i, p in enumerate(example.candidates) if p.has_answer)
+    rng = random.Random(0)
+    targets = [supervised_permutation(example, 2, rng) for _ in range(200)]
+    assert all(t[0] == gold and t[1] != gold and len(t) == 2 for t in targets)
+    # the filler is drawn at random, not taken from first-stage order (which would teach a position)
+    assert len({t[1] for t in targets}) == 7
+    unlabelled = replace(example, candidates=tuple(replace(p, text="filler", has_answer=False) for p in example.candidates))
+    assert supervised_permutation(unlabelled, 2, rng) is None
