@@ -57,12 +57,18 @@ class LMGenerator:
             ``[B, m]`` float32 log-likelihoods (nats), divided by the answer length when length-normalised.
         """
         batch_size, num_samples, _ = permutations.shape
-        sequences, targets = [], []
+        # identical permutations of one question share one forward pass (a peaked selector repeats itself)
+        rows: dict[tuple, int] = {}
+        index, sequences, targets = [], [], []
         for b, example in enumerate(batch):
             answer = self.answer_ids(example.target)
             for permutation in permutations[b].tolist():
-                sequences.append(self.prompt_ids(example, permutation) + answer)
-                targets.append(answer)
+                key = (b, tuple(permutation))
+                if key not in rows:
+                    rows[key] = len(sequences)
+                    sequences.append(self.prompt_ids(example, permutation) + answer)
+                    targets.append(answer)
+                index.append(rows[key])
         longest = max(len(t) for t in targets)
         logits = tail_logits(self.model, sequences, longest + 1, self.tokenizer.pad_token_id, self.device)[:, :-1]
         # right-align the targets with the kept logits: row r's answer fills the last len(answer) slots
@@ -76,7 +82,7 @@ class LMGenerator:
         total = (token_log_probs * is_answer).sum(-1)
         if self.length_normalize:
             total = total / is_answer.sum(-1)
-        return total.view(batch_size, num_samples)
+        return total[torch.tensor(index, device=total.device)].view(batch_size, num_samples)
 
     @torch.no_grad()
     def generate(self, batch: Sequence[Example], permutations: Sequence[Sequence[int]]) -> list[str]:
