@@ -203,5 +203,26 @@ def evaluate(
     console.print(f"predictions: {out}")
 
 
+@app.command("tiny-model")
+def tiny_model(
+    folder: Annotated[Path, typer.Argument(help="Folder to write (created; must be empty or missing).")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+):
+    """Write a tiny random causal LM (Llama layout) with tokenizer and chat template to FOLDER, offline.
+
+    The folder loads like any Hugging Face model path (AutoModelForCausalLM / AutoTokenizer), so a pipeline can point its generator at it in tests and examples where no model can be downloaded.
+    """
+    _quiet_libraries()
+    from dro_plugins.models import write_tiny_model
+
+    if folder.exists() and any(folder.iterdir()):
+        _fail(f"{folder}: folder is not empty; pass a new folder")
+    try:
+        write_tiny_model(folder, seed=seed)
+    except DROError as exc:
+        _fail(str(exc))
+    console.print(f"tiny model written to {folder}")
+
+
 if __name__ == "__main__":
     app()
