@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 CANDIDATES, TOP_K = 8, 2
 CHANCE = TOP_K / CANDIDATES
 WARMUP = {"generator_steps": 300, "selector_steps": 100, "learning_rate": 3e-3, "batch_size": 32}
-DRO = {"iterations": 12, "num_samples": 16, "learning_rate": 3e-3, "batch_size": 32, "patience": 2}
+DRO = {"iterations": 14, "num_samples": 16, "learning_rate": 3e-3, "batch_size": 32, "patience": 14}  # no early stop: F1 wobbles ±0.03 near the top
 
 
 def _fit(root: Path, name: str, **dro) -> dict:
