@@ -56,13 +56,18 @@ def _adamw(model, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
 
 
+def positive_candidates(example: Example) -> list[int]:
+    """Indices of the candidates labelled (or matched) as holding an answer."""
+    return [i for i, p in enumerate(example.candidates) if passage_has_answer(p, example.answers)]
+
+
 def supervised_permutation(example: Example, top_k: int, rng: random.Random) -> list[int] | None:
     """Warm-up target: the positive candidates first, then other candidates drawn at random; None without positives.
 
     The filler is random rather than first-stage order so that the warm-up teaches which passages help,
     not a preference for early positions.
     """
-    positives = [i for i, p in enumerate(example.candidates) if passage_has_answer(p, example.answers)]
+    positives = positive_candidates(example)
     if not positives:
         return None
     others = [i for i in range(len(example.candidates)) if i not in positives]
@@ -157,7 +162,7 @@ class DROTrainer:
     def _warmup(self, generator_steps: int, selector_steps: int) -> None:
         """Supervised steps on labelled positives: the generator reads them, the selector learns to pick them."""
         k = self.config.selector.top_k
-        labelled = [ex for ex in self.train_set if any(passage_has_answer(p, ex.answers) for p in ex.candidates)]
+        labelled = [ex for ex in self.train_set if positive_candidates(ex)]
         if not labelled:
             self.log("warm-up skipped: no training question has a passage labelled has_answer/is_gold")
             return
@@ -239,8 +244,7 @@ class DROTrainer:
             batch = [self.train_set[i] for i in index.tolist()]
             perms, w = permutations[index], weights[index]
             if dro.train_selector:
-                loss = selector_loss(w, self.selector.log_prob(batch, perms))
-                self._step("selector", loss, self.optimizers["selector"], state)
+                self._step("selector", selector_loss(w, self.selector.log_prob(batch, perms)), self.optimizers["selector"], state)
             if dro.train_generator:
                 self._step("generator", generator_loss(w, self.generator.log_likelihood(batch, perms)), self.optimizers["generator"], state)
             state.batches_done = done
