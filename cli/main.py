@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dro_plugins.config import RunConfig, load_config
-from dro_plugins.data import load_examples
+from dro_plugins.data import load_examples, load_run_data
 from dro_plugins.errors import DROError
 
 app = typer.Typer(
@@ -42,14 +42,6 @@ def _quiet_libraries() -> None:
 def _fail(message: str, code: int = 2):
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def _load_data(config: RunConfig):
-    data = config.data
-    k = config.selector.top_k
-    train = load_examples(data.train, data.num_candidates, k, data.max_examples)
-    validation = load_examples(data.validation, data.num_candidates, k, data.max_examples)
-    return train, validation
 
 
 def _progress() -> Progress:
@@ -135,7 +127,7 @@ def optimize(
 
     try:
         config = load_config(config_path, overrides or [])
-        train, validation = _load_data(config)
+        train, validation = load_run_data(config)
         _check_resume(config, restart)
         console.print(f"{len(train)} training and {len(validation)} validation questions; loading models")
         selector, generator = build_models(config, config.output_dir)
@@ -166,7 +158,7 @@ def validate(
     """Check a run config and its data files; exit 0 when usable, 2 with every problem listed otherwise."""
     try:
         config = load_config(config_path, overrides or [])
-        train, validation = _load_data(config)
+        train, validation = load_run_data(config)
     except DROError as exc:
         _fail(str(exc))
     console.print(f"[green]ok[/]: {config_path} ({len(train)} training, {len(validation)} validation questions)")

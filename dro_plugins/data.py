@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dro_plugins.config import RunConfig
 from dro_plugins.errors import DataError
 
 
@@ -124,3 +125,16 @@ def write_examples(examples: list[Example], path: str | Path) -> Path:
             ]
             out.write(json.dumps({"id": ex.id, "question": ex.question, "answers": list(ex.answers), "ctxs": ctxs}) + "\n")
     return path
+
+
+def load_run_data(config: RunConfig) -> tuple[list[Example], list[Example]]:
+    """The training and validation questions a run config names (``data.*`` and ``selector.top_k``).
+
+    Raises:
+        DataError: as :func:`load_examples`.
+    """
+    data = config.data
+    train, validation = (
+        load_examples(path, data.num_candidates, config.selector.top_k, data.max_examples) for path in (data.train, data.validation)
+    )
+    return train, validation

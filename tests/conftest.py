@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -11,8 +12,11 @@ import pytest
 import torch
 import yaml
 
-from dro_plugins.config import LoraConfig, TinyModelConfig
+from dro_plugins.config import LoraConfig, RunConfig, TinyModelConfig
+from dro_plugins.data import load_run_data
 from dro_plugins.models import add_lora, build_tiny_model, tiny_tokenizer
+from dro_plugins.run import build_models
+from dro_plugins.trainer import DROTrainer
 
 TINY_LORA = {"rank": 8, "alpha": 16, "modules_to_save": ["embed_tokens", "lm_head"]}
 
@@ -61,6 +65,13 @@ def tiny_run_config(train: str, validation: str, output_dir: str, **sections) ->
         else:
             tree[key] = value
     return tree
+
+
+def make_trainer(tree: dict) -> DROTrainer:
+    """A DROTrainer for a run config tree: fresh models in its output_dir, the data files it names."""
+    config = RunConfig.model_validate(tree)
+    selector, generator = build_models(config, Path(config.output_dir))
+    return DROTrainer(config, selector, generator, *load_run_data(config), Path(config.output_dir))
 
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

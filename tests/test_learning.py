@@ -19,12 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from dro_plugins.config import RunConfig
-from dro_plugins.data import load_examples, write_examples
-from dro_plugins.run import build_models
+from dro_plugins.data import write_examples
 from dro_plugins.synthetic import make_dataset
-from dro_plugins.trainer import DROTrainer
-from tests.conftest import tiny_run_config
+from tests.conftest import make_trainer, tiny_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +36,13 @@ def _fit(root: Path, name: str, **dro) -> dict:
         str(root / "train.jsonl"),
         str(root / "validation.jsonl"),
         str(root / name),
+        data={"num_candidates": CANDIDATES},
+        selector={"top_k": TOP_K},
         warmup=WARMUP,
         dro={**DRO, **dro},
         eval_batch_size=100,
     )
-    config = RunConfig.model_validate(tree)
-    selector, generator = build_models(config, Path(config.output_dir))
-    train, validation = (load_examples(root / f, CANDIDATES, TOP_K) for f in ("train.jsonl", "validation.jsonl"))
-    return DROTrainer(config, selector, generator, train, validation, Path(config.output_dir)).fit()
+    return make_trainer(tree).fit()
 
 
 @pytest.fixture(scope="module")

@@ -2,18 +2,14 @@
 
 import random
 from dataclasses import replace
-from pathlib import Path
-
 import pytest
 import torch
 
-from dro_plugins.config import RunConfig
-from dro_plugins.data import load_examples, write_examples
+from dro_plugins.data import write_examples
 from dro_plugins.errors import TrainingError
-from dro_plugins.run import build_models
 from dro_plugins.synthetic import make_dataset
-from dro_plugins.trainer import DROTrainer, supervised_permutation
-from tests.conftest import tiny_run_config
+from dro_plugins.trainer import supervised_permutation
+from tests.conftest import make_trainer, tiny_run_config
 
 
 @pytest.fixture
@@ -24,11 +20,7 @@ def small_run(tmp_path):
     runs = iter(range(100))
 
     def make(**sections):
-        tree = tiny_run_config(str(train), str(validation), str(tmp_path / f"run{next(runs)}"), **sections)
-        config = RunConfig.model_validate(tree)
-        selector, generator = build_models(config, Path(config.output_dir))
-        examples = [load_examples(p, 8, 2) for p in (train, validation)]
-        return DROTrainer(config, selector, generator, *examples, Path(config.output_dir))
+        return make_trainer(tiny_run_config(str(train), str(validation), str(tmp_path / f"run{next(runs)}"), **sections))
 
     return make
 
