@@ -69,6 +69,10 @@ def _tracker(progress: Progress):
     return track
 
 
+def _no_track(iterable, _description: str, _total: int):
+    return iterable
+
+
 def _history_table(history: list[dict], num_samples: int) -> Table:
     table = Table(title="validation per EM iteration")
     for column in ("iteration", "stage", "EM", "F1", "recall", "ESS", "selector loss", "generator loss"):
@@ -86,6 +90,43 @@ def _history_table(history: list[dict], num_samples: int) -> Table:
             cell("generator_loss"),
         )
     return table
+
+
+def _open_pipeline(config: RunConfig):
+    """The framework adapter for ``config.pipeline``, with the generator model taken from the pipeline.
+
+    Raises:
+        DROError: the framework is not installed, the pipeline is unusable, or ``generator.model`` names a
+            different model than the pipeline's generator.
+    """
+    settings = config.pipeline
+    if settings.haystack is not None:
+        try:
+            from haystack_integrations.components.rankers.dro.pipeline import HaystackPipeline
+        except ImportError as exc:
+            raise DROError(f"pipeline.haystack needs Haystack ({exc.name} is missing): pip install 'dro-plugins[haystack]'") from exc
+        pipeline = HaystackPipeline(config)
+    else:
+        try:
+            from llama_index.postprocessor.dro.engine import LlamaIndexPipeline
+        except ImportError as exc:
+            raise DROError(
+                f"pipeline.llama_index needs LlamaIndex ({exc.name} is missing): pip install 'dro-plugins[llama-index]'"
+            ) from exc
+        pipeline = LlamaIndexPipeline(config)
+    if config.generator.model not in (None, pipeline.generator_model):
+        raise DROError(
+            f"generator.model is '{config.generator.model}' but the pipeline's generator uses '{pipeline.generator_model}'; "
+            "remove generator.model (the pipeline names it)"
+        )
+    config.generator.model = pipeline.generator_model
+    return pipeline
+
+
+def _retrieve(config: RunConfig, pipeline, examples, track=_no_track):
+    from dro_plugins.pipeline import attach_candidates
+
+    return attach_candidates(examples, pipeline, config.data.num_candidates, config.selector.top_k, track)
 
 
 def _check_resume(config: RunConfig, restart: bool) -> None:
@@ -128,15 +169,22 @@ def optimize(
     try:
         config = load_config(config_path, overrides or [])
         train, validation = load_run_data(config)
+        pipeline = _open_pipeline(config) if config.pipeline is not None else None
         _check_resume(config, restart)
-        console.print(f"{len(train)} training and {len(validation)} validation questions; loading models")
-        selector, generator = build_models(config, config.output_dir)
         with _progress() as progress:
+            if pipeline is not None:
+                train, validation = (_retrieve(config, pipeline, part, _tracker(progress)) for part in (train, validation))
+            console.print(f"{len(train)} training and {len(validation)} validation questions; loading models")
+            selector, generator = build_models(config, config.output_dir)
+            if pipeline is not None:
+                generator.prompt = pipeline.prompt_renderer(generator.tokenizer)
             trainer = DROTrainer(
                 config, selector, generator, train, validation, config.output_dir,
                 track=_tracker(progress), log=lambda line: progress.console.print(line, highlight=False),
             )
             report = trainer.fit()
+        if pipeline is not None:
+            console.print(f"optimized pipeline: {pipeline.export(config.output_dir)}")
     except Interrupted as exc:
         console.print(f"[yellow]{exc}[/]\nresume with: dro optimize {config_path}")
         raise typer.Exit(130)
@@ -150,6 +198,12 @@ def optimize(
     )
 
 
+def _describe_pipeline(pipeline) -> str:
+    units = {"retriever": "retriever_name", "prompt builder": "prompt_builder_name", "generator": "generator_name"}
+    named = [f"{unit} '{getattr(pipeline, attr)}'" for unit, attr in units.items() if hasattr(pipeline, attr)]
+    return f"; pipeline: {', '.join(named)}, generator model '{pipeline.generator_model}'"
+
+
 @app.command()
 def validate(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Run config YAML.")],
@@ -159,9 +213,13 @@ def validate(
     try:
         config = load_config(config_path, overrides or [])
         train, validation = load_run_data(config)
+        found = ""
+        if config.pipeline is not None:
+            _quiet_libraries()
+            found = _describe_pipeline(_open_pipeline(config))
     except DROError as exc:
         _fail(str(exc))
-    console.print(f"[green]ok[/]: {config_path} ({len(train)} training, {len(validation)} validation questions)")
+    console.print(f"[green]ok[/]: {config_path} ({len(train)} training, {len(validation)} validation questions){found}")
 
 
 @app.command()
@@ -174,14 +232,16 @@ def evaluate(
     """Score a trained run's best selector and generator on another question file (EM, F1, recall@k)."""
     _quiet_libraries()
     from dro_plugins.evaluation import evaluate as score
-    from dro_plugins.run import RunPaths, load_trained
+    from dro_plugins.run import load_trained
 
     try:
-        if not RunPaths(run_dir).config.is_file():
-            raise DROError(f"{run_dir}: not a run folder (no config.yaml); pass the output_dir of dro optimize")
         config, selector, generator = load_trained(run_dir, device)
-        examples = load_examples(data, config.data.num_candidates, config.selector.top_k, max_examples)
+        pipeline = _open_pipeline(config) if config.pipeline is not None else None
+        examples = load_examples(data, config.data.num_candidates, config.selector.top_k, max_examples, pipeline is None)
         with _progress() as progress:
+            if pipeline is not None:
+                examples = _retrieve(config, pipeline, examples, _tracker(progress))
+                generator.prompt = pipeline.prompt_renderer(generator.tokenizer)
             result = score(selector, generator, examples, config.eval_batch_size, _tracker(progress))
     except DROError as exc:
         _fail(str(exc))

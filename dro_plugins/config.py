@@ -75,6 +75,12 @@ class SelectorConfig(ModelConfig):
 class GeneratorConfig(ModelConfig):
     """The generator p_G(y | x, d_z) (paper §4)."""
 
+    model: str | None = Field(
+        None,
+        description="A Hugging Face model id, a local folder, or a built-in tiny model: " + ", ".join(TINY_MODELS) + ". "
+        "Leave it out when `pipeline` is set: it is then taken from the pipeline's generator component.",
+    )
+
     max_new_tokens: int = Field(32, ge=1, description="Longest answer generated at evaluation, in tokens.")
     length_normalize: bool = Field(
         False, description="Divide log p(y | x, d_z) by the answer length in tokens (the paper sums; off by default)."
@@ -86,6 +92,40 @@ class DataConfig(_Section):
     validation: Path = Field(..., description="Validation questions, same format; used for early stopping.")
     max_examples: int | None = Field(None, ge=1, description="Use at most this many questions from each file.")
     num_candidates: int = Field(20, ge=1, description="Use the first this many candidates of each question.")
+
+
+class PipelineConfig(_Section):
+    """An existing RAG pipeline to fine-tune end to end (set exactly one of `haystack` and `llama_index`).
+
+    Its retriever supplies each question's candidates, its prompt template renders the generator's prompt, and
+    its generator's model is the DRO generator. The questions in `data` then need no `ctxs`.
+    """
+
+    haystack: Path | None = Field(None, description="A Haystack pipeline YAML, relative to the run config.")
+    llama_index: str | None = Field(
+        None, description="'file.py:function' (file relative to the run config) returning a LlamaIndex RetrieverQueryEngine."
+    )
+    allowed_modules: list[str] = Field(
+        default_factory=list,
+        description="Extra module patterns (e.g. 'mypkg.*') Haystack may import while loading the pipeline, on top of "
+        "its default deserialization allowlist. Only name code you trust.",
+    )
+    retriever: str | None = Field(None, description="Name of the retriever component; found from the graph when left out.")
+    prompt_builder: str | None = Field(
+        None, description="Name of the prompt builder component; found from the graph when left out."
+    )
+    generator: str | None = Field(None, description="Name of the generator component; found from the graph when left out.")
+    question_variable: str | None = Field(
+        None,
+        description="The prompt template variable that receives the question; found when the template has one "
+        "variable besides the documents, or one named 'query' or 'question'.",
+    )
+
+    @model_validator(mode="after")
+    def _one_framework(self) -> PipelineConfig:
+        if (self.haystack is None) == (self.llama_index is None):
+            raise ValueError("set exactly one of pipeline.haystack (a YAML file) and pipeline.llama_index ('file.py:function')")
+        return self
 
 
 class WarmupConfig(_Section):
@@ -121,6 +161,12 @@ class RunConfig(_Section):
     """A whole `dro optimize` run."""
 
     data: DataConfig
+    pipeline: PipelineConfig | None = Field(None, description="An existing Haystack or LlamaIndex pipeline to fine-tune.")
+    documents: Path | None = Field(
+        None,
+        description="Corpus JSON lines ({id, title, text}), relative to the run config, written into the pipeline's "
+        "in-memory document store before retrieval. Needs `pipeline`.",
+    )
     selector: SelectorConfig = Field(default_factory=SelectorConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
@@ -129,6 +175,14 @@ class RunConfig(_Section):
     seed: int = Field(0, description="Seed for model init, sampling, batch order and dropout.")
     device: str = Field("auto", description="'auto' (CUDA with bf16 when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     eval_batch_size: int = Field(16, ge=1, description="Questions per batch at validation.")
+
+    @model_validator(mode="after")
+    def _generator_model_named(self) -> RunConfig:
+        if self.pipeline is None and self.generator.model is None:
+            raise ValueError("generator.model: required, add it (or set pipeline: to train a pipeline's generator)")
+        if self.documents is not None and self.pipeline is None:
+            raise ValueError("documents: needs a pipeline whose document store it fills; set pipeline: or remove documents")
+        return self
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> RunConfig:
@@ -215,6 +269,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     base = path.resolve().parent
     config.data.train = (base / config.data.train).resolve()
     config.data.validation = (base / config.data.validation).resolve()
+    if config.documents is not None:
+        config.documents = (base / config.documents).resolve()
+    if config.pipeline is not None and config.pipeline.haystack is not None:
+        config.pipeline.haystack = (base / config.pipeline.haystack).resolve()
+    if config.pipeline is not None and config.pipeline.llama_index is not None:
+        file, sep, function = config.pipeline.llama_index.rpartition(":")
+        config.pipeline.llama_index = f"{(base / file).resolve()}:{function}" if sep else config.pipeline.llama_index
     return config
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dro_plugins.config import RunConfig
@@ -41,7 +41,7 @@ class Example:
 
 def _passage(raw: dict, where: str) -> Passage:
     if not isinstance(raw, dict) or "text" not in raw:
-        raise DataError(f"{where}: each entry of 'ctxs' needs at least a 'text' field")
+        raise DataError(f"{where}: each passage needs at least a 'text' field")
     label = raw.get("has_answer", raw.get("is_gold"))
     return Passage(
         id=str(raw.get("id", "")),
@@ -51,7 +51,7 @@ def _passage(raw: dict, where: str) -> Passage:
     )
 
 
-def parse_example(raw: object, where: str, num_candidates: int, top_k: int) -> Example:
+def parse_example(raw: object, where: str, num_candidates: int, top_k: int, with_candidates: bool = True) -> Example:
     """Build an :class:`Example` from one decoded JSON line.
 
     Args:
@@ -59,15 +59,18 @@ def parse_example(raw: object, where: str, num_candidates: int, top_k: int) -> E
         where: ``file:line`` for error messages.
         num_candidates: keep the first this many candidates.
         top_k: the selector's k; a question needs at least this many candidates.
+        with_candidates: False when a pipeline's retriever supplies the candidates: ``ctxs`` is then ignored
+            and the example has none.
 
     Raises:
         DataError: a field is missing or empty, or there are fewer than ``top_k`` candidates.
     """
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object per line")
-    for field in ("question", "answers", "ctxs"):
+    needed = ("question", "answers", "ctxs") if with_candidates else ("question", "answers")
+    for field in needed:
         if field not in raw:
-            raise DataError(f"{where}: missing field '{field}'; each line needs question, answers and ctxs")
+            raise DataError(f"{where}: missing field '{field}'; each line needs {', '.join(needed)}")
     qid = str(raw.get("id", where))
     answers = raw["answers"]
     if isinstance(answers, str):
@@ -75,6 +78,8 @@ def parse_example(raw: object, where: str, num_candidates: int, top_k: int) -> E
     answers = tuple(str(a) for a in answers if str(a).strip())
     if not answers:
         raise DataError(f"{where}: question '{qid}' has no answers; give at least one or remove the line")
+    if not with_candidates:
+        return Example(id=qid, question=str(raw["question"]), answers=answers, candidates=())
     candidates = tuple(_passage(c, where) for c in raw["ctxs"][:num_candidates])
     if not candidates:
         raise DataError(f"{where}: question '{qid}' has no candidates in 'ctxs'; add passages or remove the line")
@@ -86,8 +91,12 @@ def parse_example(raw: object, where: str, num_candidates: int, top_k: int) -> E
     return Example(id=qid, question=str(raw["question"]), answers=answers, candidates=candidates)
 
 
-def load_examples(path: str | Path, num_candidates: int, top_k: int, max_examples: int | None = None) -> list[Example]:
+def load_examples(
+    path: str | Path, num_candidates: int, top_k: int, max_examples: int | None = None, with_candidates: bool = True
+) -> list[Example]:
     """Read a question file, one JSON object per line; blank lines are skipped.
+
+    ``with_candidates=False`` reads questions and answers only (see :func:`parse_example`).
 
     Raises:
         DataError: the file is missing, a line is not JSON, or a question is unusable (the message names the line).
@@ -107,10 +116,35 @@ def load_examples(path: str | Path, num_candidates: int, top_k: int, max_example
                 raw = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line")
-            examples.append(parse_example(raw, where, num_candidates, top_k))
+            examples.append(parse_example(raw, where, num_candidates, top_k, with_candidates))
     if not examples:
         raise DataError(f"{path}: no questions found; the file is empty")
     return examples
+
+
+def load_corpus(path: str | Path) -> list[Passage]:
+    """Read a corpus file: one ``{"id", "title", "text"}`` JSON object per line (``../shared/data/nq/corpus.jsonl``).
+
+    Raises:
+        DataError: the file is missing or empty, or a line is not JSON or has no ``text`` (the message names the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; point documents at a JSON-lines corpus of {{id, title, text}}")
+    passages = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line")
+            passage = _passage(raw, f"{path}:{number}")
+            passages.append(passage if passage.id else replace(passage, id=str(number)))
+    if not passages:
+        raise DataError(f"{path}: no passages found; the file is empty")
+    return passages
 
 
 def write_examples(examples: list[Example], path: str | Path) -> Path:
@@ -130,11 +164,15 @@ def write_examples(examples: list[Example], path: str | Path) -> Path:
 def load_run_data(config: RunConfig) -> tuple[list[Example], list[Example]]:
     """The training and validation questions a run config names (``data.*`` and ``selector.top_k``).
 
+    With ``pipeline`` set the questions come without candidates: the pipeline's retriever supplies them.
+
     Raises:
         DataError: as :func:`load_examples`.
     """
     data = config.data
+    with_candidates = config.pipeline is None
     train, validation = (
-        load_examples(path, data.num_candidates, config.selector.top_k, data.max_examples) for path in (data.train, data.validation)
+        load_examples(path, data.num_candidates, config.selector.top_k, data.max_examples, with_candidates)
+        for path in (data.train, data.validation)
     )
     return train, validation

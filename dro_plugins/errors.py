@@ -26,3 +26,7 @@ class ModelLoadError(DROError):
 
 class TrainingError(DROError):
     """Training cannot go on, for example because losses stay NaN."""
+
+
+class PipelineError(DROError):
+    """A framework pipeline cannot be trained: it does not load, or a retriever, prompt or generator is missing."""

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from dro_plugins.data import Example
-from dro_plugins.lm import left_pad, tail_logits
+from dro_plugins.data import Example, Passage
+from dro_plugins.lm import greedy_generate, tail_logits
 from dro_plugins.prompts import generator_prompt, render
+
+
+# (question, passages in selection order) -> the text the generator reads, up to where its answer starts
+PromptRenderer = Callable[[str, Sequence[Passage]], str]
 
 
 class LMGenerator:
     """A causal-LM generator.
 
-    The prompt (chat template applied when the tokenizer has one) lists the selected passages in the
-    permutation's order; the answer is the first gold answer followed by the end-of-sequence token.
+    The prompt lists the selected passages in the permutation's order: by default the built-in instruction
+    (:func:`dro_plugins.prompts.generator_prompt`, chat template applied when the tokenizer has one); a framework
+    adapter passes its pipeline's own prompt template instead, so training and serving read the same text.
+    The answer is the first gold answer followed by the end-of-sequence token.
 
     Args:
         model: a (peft-wrapped) causal LM.
@@ -23,14 +29,25 @@ class LMGenerator:
         max_passage_words: passages are cut to this many words.
         max_new_tokens: longest generated answer, in tokens.
         length_normalize: divide log-likelihoods by the answer length in tokens.
+        prompt: renders the prompt text from the question and passages; None for the built-in one
+            (which cuts passages to ``max_passage_words``).
     """
 
-    def __init__(self, model, tokenizer, max_passage_words: int, max_new_tokens: int = 32, length_normalize: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_passage_words: int,
+        max_new_tokens: int = 32,
+        length_normalize: bool = False,
+        prompt: PromptRenderer | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.max_passage_words = max_passage_words
         self.max_new_tokens = max_new_tokens
         self.length_normalize = length_normalize
+        self.prompt = prompt or (lambda question, passages: render(tokenizer, generator_prompt(question, passages, max_passage_words)))
 
     @property
     def device(self) -> torch.device:
@@ -38,8 +55,7 @@ class LMGenerator:
 
     def prompt_ids(self, example: Example, permutation: Sequence[int]) -> list[int]:
         """Token ids of the generator prompt for one question and one permutation."""
-        passages = [example.candidates[i] for i in permutation]
-        text = render(self.tokenizer, generator_prompt(example.question, passages, self.max_passage_words))
+        text = self.prompt(example.question, [example.candidates[i] for i in permutation])
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def answer_ids(self, answer: str) -> list[int]:
@@ -84,7 +100,6 @@ class LMGenerator:
             total = total / is_answer.sum(-1)
         return total[torch.tensor(index, device=total.device)].view(batch_size, num_samples)
 
-    @torch.no_grad()
     def generate(self, batch: Sequence[Example], permutations: Sequence[Sequence[int]]) -> list[str]:
         """Greedy answers, one per question, from the passages of its permutation.
 
@@ -92,17 +107,5 @@ class LMGenerator:
             batch: B questions.
             permutations: B permutations (0-based candidate indices).
         """
-        was_training = self.model.training
-        self.model.eval()
         prompts = [self.prompt_ids(ex, perm) for ex, perm in zip(batch, permutations)]
-        ids, mask, _ = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
-        output = self.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
-        self.model.train(was_training)
-        return [s.strip() for s in self.tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)]
+        return greedy_generate(self.model, self.tokenizer, prompts, self.max_new_tokens)

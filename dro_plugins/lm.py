@@ -46,6 +46,29 @@ def tail_logits(model, sequences: Sequence[Sequence[int]], keep: int, pad_id: in
     return out.logits[:, -keep:].float()
 
 
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of left-padded prompts, decoded without special tokens and stripped.
+
+    Args:
+        prompts: N prompt token-id lists.
+        max_new_tokens: longest continuation, in tokens; decoding also stops at ``tokenizer.eos_token_id``.
+    """
+    was_training = model.training
+    model.eval()
+    ids, mask, _ = left_pad(prompts, tokenizer.pad_token_id, next(model.parameters()).device)
+    output = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model.train(was_training)
+    return [text.strip() for text in tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)]
+
+
 @dataclass
 class SharedPrompt:
     """The state after running B prompts once, repeated for ``m`` continuations each (rows ``b * m + i``).

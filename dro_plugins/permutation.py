@@ -10,6 +10,7 @@ log-probability of exactly the distribution that was sampled (DESIGN.md §1).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -120,3 +121,25 @@ class DecodingState:
                 self.prefix = ()
                 self.in_separator = not self.done and bool(self.grammar.separator)
                 return
+
+
+_LABEL = re.compile(r"\[\s*(\d+)\s*\]")
+
+
+def parse_permutation(text: str, num_candidates: int, top_k: int) -> list[int] | None:
+    """Read a ranked selection such as ``[7] > [2] > [15]`` from free text (unconstrained decoding).
+
+    Labels are 1-based; out-of-range labels and repeats are skipped; the first ``top_k`` valid labels are kept.
+
+    Returns:
+        ``top_k`` distinct 0-based candidate indices, best first, or None when the text holds fewer than
+        ``top_k`` valid labels (the output is unusable).
+    """
+    picked: list[int] = []
+    for match in _LABEL.finditer(text):
+        index = int(match.group(1)) - 1
+        if 0 <= index < num_candidates and index not in picked:
+            picked.append(index)
+        if len(picked) == top_k:
+            return picked
+    return None

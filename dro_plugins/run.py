@@ -6,6 +6,7 @@ Layout::
     metrics.jsonl        one line per EM iteration (iteration 0 = before DRO)
     report.json          best validation metrics and the per-iteration history
     selector/ generator/ best LoRA adapters (adapter_model.safetensors)
+    generator-model/     the best generator merged into its base model (pipeline runs; see export_generator)
     base/                tiny base models and tokenizers, when the config uses a built-in tiny model
     checkpoint/          latest training state, for resuming
     samples/             E-step samples and importance weights per iteration
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 from dro_plugins.config import RunConfig, load_config
-from dro_plugins.generator import LMGenerator
+from dro_plugins.errors import DROError
+from dro_plugins.generator import LMGenerator, PromptRenderer
 from dro_plugins.models import add_lora, load_base_model, load_lora, resolve_device
 from dro_plugins.selector import LMSelector
 
@@ -58,14 +60,58 @@ class RunPaths:
         return self.root / "base" / role
 
 
-def build_models(config: RunConfig, run_dir: Path, adapters: Path | None = None, trainable: bool = True):
-    """The selector and generator of a run, on the config's device.
+ROLES = ("selector", "generator")
+
+
+def load_model(config: RunConfig, role: str, run_dir: Path, adapters: Path | None = None, trainable: bool = True):
+    """One role's base model with LoRA adapters, on the config's device.
 
     Args:
         config: the run config.
+        role: "selector" or "generator".
         run_dir: run folder (tiny base models are written to and read from it).
-        adapters: a folder holding ``selector/`` and ``generator/`` LoRA adapters to load; fresh adapters when None.
+        adapters: a folder holding ``<role>/`` LoRA adapters to load; fresh adapters when None.
         trainable: whether loaded adapters are trainable.
+
+    Returns:
+        ``(PeftModel, tokenizer)``.
+
+    Raises:
+        ModelLoadError: the base model cannot be loaded.
+    """
+    section = getattr(config, role)
+    seed = config.seed + ROLES.index(role)
+    device, dtype = resolve_device(config.device)
+    base, tokenizer = load_base_model(section, f"{role}.model", RunPaths(run_dir).tiny_base(role), seed)
+    base.to(device=device, dtype=dtype)
+    if adapters is None:
+        torch.manual_seed(seed)  # LoRA's initialisation draws from the global RNG
+        return add_lora(base, section.lora), tokenizer
+    return load_lora(base, adapters / role, trainable=trainable), tokenizer
+
+
+def make_selector(config: RunConfig, model, tokenizer) -> LMSelector:
+    """An :class:`LMSelector` with the config's k and passage length."""
+    return LMSelector(model, tokenizer, top_k=config.selector.top_k, max_passage_words=config.selector.max_passage_words)
+
+
+def make_generator(config: RunConfig, model, tokenizer, prompt: PromptRenderer | None = None) -> LMGenerator:
+    """An :class:`LMGenerator` with the config's settings; ``prompt`` as in :class:`LMGenerator`."""
+    section = config.generator
+    return LMGenerator(
+        model,
+        tokenizer,
+        max_passage_words=section.max_passage_words,
+        max_new_tokens=section.max_new_tokens,
+        length_normalize=section.length_normalize,
+        prompt=prompt,
+    )
+
+
+def build_models(
+    config: RunConfig, run_dir: Path, adapters: Path | None = None, trainable: bool = True, prompt: PromptRenderer | None = None
+):
+    """The selector and generator of a run (see :func:`load_model` for the arguments).
 
     Returns:
         ``(LMSelector, LMGenerator)``.
@@ -73,37 +119,56 @@ def build_models(config: RunConfig, run_dir: Path, adapters: Path | None = None,
     Raises:
         ModelLoadError: a base model cannot be loaded.
     """
-    paths = RunPaths(run_dir)
-    device, dtype = resolve_device(config.device)
-    models = {}
-    for offset, (role, section) in enumerate((("selector", config.selector), ("generator", config.generator))):
-        base, tokenizer = load_base_model(section, f"{role}.model", paths.tiny_base(role), config.seed + offset)
-        base.to(device=device, dtype=dtype)
-        if adapters is None:
-            torch.manual_seed(config.seed + offset)  # LoRA's initialisation draws from the global RNG
-            model = add_lora(base, section.lora)
-        else:
-            model = load_lora(base, adapters / role, trainable=trainable)
-        models[role] = (model, tokenizer)
-    selector = LMSelector(*models["selector"], top_k=config.selector.top_k, max_passage_words=config.selector.max_passage_words)
-    generator = LMGenerator(
-        *models["generator"],
-        max_passage_words=config.generator.max_passage_words,
-        max_new_tokens=config.generator.max_new_tokens,
-        length_normalize=config.generator.length_normalize,
-    )
-    return selector, generator
+    selector = make_selector(config, *load_model(config, "selector", run_dir, adapters, trainable))
+    generator_model, tokenizer = load_model(config, "generator", run_dir, adapters, trainable)
+    return selector, make_generator(config, generator_model, tokenizer, prompt)
 
 
-def load_trained(run_dir: str | Path, device: str | None = None):
+def _saved_config(run_dir: Path, device: str | None) -> RunConfig:
+    paths = RunPaths(Path(run_dir))
+    if not paths.config.is_file():
+        raise DROError(f"{run_dir}: not a run folder (no config.yaml); pass the output_dir of dro optimize")
+    config = load_config(paths.config)
+    if device is not None:
+        config.device = device
+    return config
+
+
+def load_trained(run_dir: str | Path, device: str | None = None, prompt: PromptRenderer | None = None):
     """The best selector and generator of a finished (or interrupted) run, for inference.
 
     Returns:
         ``(RunConfig, LMSelector, LMGenerator)``.
+
+    Raises:
+        DROError: ``run_dir`` is not a run folder. ModelLoadError: a base model cannot be loaded.
     """
-    paths = RunPaths(Path(run_dir))
-    config = load_config(paths.config)
-    if device is not None:
-        config.device = device
-    selector, generator = build_models(config, paths.root, adapters=paths.root, trainable=False)
+    config = _saved_config(run_dir, device)
+    selector, generator = build_models(config, Path(run_dir), adapters=Path(run_dir), trainable=False, prompt=prompt)
     return config, selector, generator
+
+
+def load_trained_selector(run_dir: str | Path, device: str | None = None) -> LMSelector:
+    """The best selector of a run, for inference (the generator is not loaded).
+
+    Raises:
+        DROError: ``run_dir`` is not a run folder. ModelLoadError: the base model cannot be loaded.
+    """
+    config = _saved_config(run_dir, device)
+    return make_selector(config, *load_model(config, "selector", Path(run_dir), adapters=Path(run_dir), trainable=False))
+
+
+def export_generator(run_dir: str | Path, folder: str | Path) -> Path:
+    """Merge the run's best generator adapter into its base model and save a plain Hugging Face folder.
+
+    The folder (safetensors weights, tokenizer, chat template) loads with ``AutoModelForCausalLM`` without
+    peft, so a pipeline's generator component can point at it. Written on CPU in float32.
+
+    Raises:
+        DROError: ``run_dir`` is not a run folder. ModelLoadError: the base model cannot be loaded.
+    """
+    config = _saved_config(run_dir, "cpu")
+    model, tokenizer = load_model(config, "generator", Path(run_dir), adapters=Path(run_dir), trainable=False)
+    model.merge_and_unload().save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)

@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 
 from dro_plugins.data import Example
-from dro_plugins.lm import continuation_hidden, extend, run_shared_prompt, token_logits
+from dro_plugins.lm import continuation_hidden, extend, greedy_generate, run_shared_prompt, token_logits
 from dro_plugins.permutation import DecodingState, PermutationGrammar
 from dro_plugins.prompts import render, selector_prompt
 
@@ -122,6 +122,15 @@ class LMSelector:
         """Greedy constrained decoding for inference: the top-k candidate indices (0-based) per question."""
         permutations, _ = self._decode(batch, 1, k or self.top_k, 1.0, None)
         return permutations[:, 0].tolist()
+
+    def write(self, batch: Sequence[Example], k: int | None = None, max_new_tokens: int = 64) -> list[str]:
+        """Unconstrained greedy decoding: the selector's raw text per question, e.g. ``"[3] > [1]"``.
+
+        For selectors that were not trained with constrained decoding; read the text with
+        :func:`dro_plugins.permutation.parse_permutation`, which may find it unusable.
+        """
+        prompts = [self.prompt_ids(ex, k or self.top_k) for ex in batch]
+        return greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens)
 
     def log_prob(self, batch: Sequence[Example], permutations: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Differentiable log p_S(z | x) of given permutations under the constrained distribution.

@@ -1,0 +1,5 @@
+"""Haystack integration of dro-plugins, installed as ``haystack_integrations.components.rankers.dro``."""
+
+from haystack_integrations.components.rankers.dro.selector import DROSelector
+
+__all__ = ["DROSelector"]

@@ -1,0 +1,261 @@
+"""A Haystack pipeline as the thing DRO trains (:class:`dro_plugins.pipeline.TrainablePipeline`).
+
+The pipeline YAML is loaded with Haystack's own loader under its deserialization allowlist (plus the modules the
+run config names). From its graph come the retriever (candidates), the prompt builder (the generator's prompt
+text) and a ``TransformersChatGenerator`` (the generator model). After training, :meth:`HaystackPipeline.export`
+writes the same pipeline with a :class:`DROSelector` between retriever and prompt builder and the generator pointing
+at the fine-tuned weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from haystack import Document, Pipeline
+from haystack.dataclasses import ChatMessage
+from haystack.document_stores.in_memory import InMemoryDocumentStore
+from haystack.document_stores.types import DuplicatePolicy
+from haystack.utils.hf import convert_message_to_hf_format
+
+from dro_plugins.config import RunConfig
+from dro_plugins.data import Passage, load_corpus
+from dro_plugins.errors import PipelineError
+from dro_plugins.generator import PromptRenderer
+from dro_plugins.run import export_generator
+from haystack_integrations.components.rankers.dro.selector import DROSelector, document_to_passage
+
+SELECTOR_NAME = "dro_selector"
+TRAINABLE_GENERATOR = "TransformersChatGenerator"
+PROMPT_BUILDERS = ("ChatPromptBuilder", "PromptBuilder")
+
+
+def load_pipeline(path: Path, allowed_modules: list[str]) -> Pipeline:
+    """``Pipeline.load`` under Haystack's default allowlist plus ``allowed_modules``; never ``unsafe``.
+
+    Raises:
+        PipelineError: the file is missing or Haystack refuses to load it.
+    """
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found; set pipeline.haystack to your pipeline YAML")
+    try:
+        with path.open(encoding="utf-8") as fp:
+            return Pipeline.load(fp, allowed_modules=allowed_modules or None)
+    except Exception as exc:  # noqa: BLE001 - Haystack raises several types; each becomes one clear line
+        reason = " ".join(str(exc).split())[:300]
+        raise PipelineError(
+            f"{path}: Haystack refuses to load this pipeline ({type(exc).__name__}: {reason}). If it uses components "
+            "from your own modules, list them in pipeline.allowed_modules of the run config (e.g. ['mypkg.*'])"
+        ) from exc
+
+
+def _class_name(instance) -> str:
+    return type(instance).__name__
+
+
+class HaystackPipeline:
+    """The trainable units of a Haystack RAG pipeline.
+
+    Args:
+        config: the run config (``pipeline.haystack`` set; ``pipeline.retriever``/``prompt_builder``/``generator``
+            name components when the graph is ambiguous; ``documents`` fills an in-memory store).
+
+    Attributes:
+        pipeline: the loaded Haystack pipeline (the file on disk is never written).
+        generator_model: HF id or folder of the generator component's model.
+
+    Raises:
+        PipelineError: the YAML does not load, a unit is missing, ambiguous or not trainable, a named component does
+            not exist, or the prompt builder cannot render with a question and documents.
+    """
+
+    def __init__(self, config: RunConfig):
+        settings = config.pipeline
+        self.path = Path(settings.haystack)
+        self.allowed_modules = list(settings.allowed_modules)
+        self.num_candidates = config.data.num_candidates
+        self.top_k = config.selector.top_k
+        self.pipeline = load_pipeline(self.path, self.allowed_modules)
+        self.serialized = self.pipeline.to_dict()
+        self.retriever_name = self._find("retriever", settings.retriever, lambda c: _class_name(c).endswith("Retriever"))
+        self.prompt_builder_name = self._find("prompt_builder", settings.prompt_builder, lambda c: _class_name(c) in PROMPT_BUILDERS)
+        self.generator_name = self._find("generator", settings.generator, lambda c: _class_name(c).endswith("Generator"))
+        self.retriever = self.pipeline.get_component(self.retriever_name)
+        self.prompt_builder = self.pipeline.get_component(self.prompt_builder_name)
+        self.generator = self.pipeline.get_component(self.generator_name)
+        if _class_name(self.generator) != TRAINABLE_GENERATOR:
+            raise PipelineError(
+                f"{self.path}: generator '{self.generator_name}' is a {_class_name(self.generator)}, whose weights DRO "
+                f"cannot train; use {TRAINABLE_GENERATOR} (transformers-haystack) with a local or Hugging Face model"
+            )
+        model = self.generator.huggingface_pipeline_kwargs.get("model")
+        if not isinstance(model, str):
+            raise PipelineError(f"{self.path}: generator '{self.generator_name}' must name its model by id or path")
+        self.generator_model = model
+        self.documents_variable = self._documents_socket()
+        self.question_variable = self._question_variable(settings.question_variable)
+        self._documents: dict[str, Document] = {}
+        self._query_embedder = self._query_input()
+        self.prompt_text("test question", [Passage(id="test", title="title", text="text")])  # fail early, not mid-run
+        if config.documents is not None:
+            self.index(config.documents)
+
+    def _names(self) -> str:
+        return ", ".join(self.serialized["components"])
+
+    def _find(self, unit: str, name: str | None, matches) -> str:
+        if name is not None:
+            if name not in self.serialized["components"]:
+                raise PipelineError(
+                    f"pipeline.{unit}: no component named '{name}' in {self.path}; its components are {self._names()}"
+                )
+            return name
+        found = [n for n, c in self.pipeline.walk() if matches(c)]
+        what = unit.replace("_", " ")
+        if not found:
+            raise PipelineError(
+                f"{self.path}: no {what} found among its components ({self._names()}); add one, or name yours "
+                f"with pipeline.{unit} in the run config"
+            )
+        if len(found) > 1:
+            raise PipelineError(f"{self.path}: {len(found)} {what}s found ({', '.join(found)}); name one with pipeline.{unit}")
+        return found[0]
+
+    def _documents_socket(self) -> str:
+        """The prompt builder's input that receives the retriever's documents (where the selector goes)."""
+        for connection in self.serialized["connections"]:
+            sender, receiver = connection["sender"].split(".", 1), connection["receiver"].split(".", 1)
+            if sender == [self.retriever_name, "documents"] and receiver[0] == self.prompt_builder_name:
+                return receiver[1]
+        raise PipelineError(
+            f"{self.path}: the retriever '{self.retriever_name}' must send its documents straight to the prompt builder "
+            f"'{self.prompt_builder_name}' (connect {self.retriever_name}.documents -> {self.prompt_builder_name}.documents); "
+            "the DRO selector is inserted on that connection"
+        )
+
+    def _question_variable(self, named: str | None) -> str:
+        variables = [v for v in self.prompt_builder.variables if v != self.documents_variable]
+        if named is not None:
+            if named not in variables:
+                raise PipelineError(
+                    f"pipeline.question_variable: '{named}' is not a variable of the prompt builder's template "
+                    f"({', '.join(variables) or 'none'})"
+                )
+            return named
+        if len(variables) == 1:
+            return variables[0]
+        for common in ("query", "question"):
+            if common in variables:
+                return common
+        raise PipelineError(
+            f"{self.path}: cannot tell which template variable of '{self.prompt_builder_name}' holds the question "
+            f"({', '.join(variables) or 'none'}); set pipeline.question_variable"
+        )
+
+    def _query_input(self):
+        """None when the retriever takes the query text; else the text embedder that feeds its query embedding."""
+        parameters = inspect.signature(self.retriever.run).parameters
+        if "query" in parameters:
+            return None
+        if "query_embedding" in parameters:
+            for connection in self.serialized["connections"]:
+                if connection["receiver"] == f"{self.retriever_name}.query_embedding":
+                    embedder = self.pipeline.get_component(connection["sender"].split(".", 1)[0])
+                    if hasattr(embedder, "warm_up"):
+                        embedder.warm_up()
+                    return embedder
+        raise PipelineError(
+            f"{self.path}: retriever '{self.retriever_name}' takes neither a query text nor a query embedding from a "
+            "text embedder; DRO needs one of them to retrieve training candidates"
+        )
+
+    def index(self, corpus: Path) -> int:
+        """Write a corpus file into the retriever's in-memory document store; returns the number of documents.
+
+        Raises:
+            PipelineError: the store is not an in-memory store, or the retriever needs embedded documents.
+            DataError: the corpus file is unreadable.
+        """
+        store = getattr(self.retriever, "document_store", None)
+        if not isinstance(store, InMemoryDocumentStore) or self._query_embedder is not None:
+            raise PipelineError(
+                f"documents: the retriever '{self.retriever_name}' does not search an in-memory store by text, so it cannot "
+                "be filled from a corpus file; index your documents into its store yourself and remove documents:"
+            )
+        documents = [Document(id=p.id, content=p.text, meta={"title": p.title}) for p in load_corpus(corpus)]
+        return store.write_documents(documents, policy=DuplicatePolicy.OVERWRITE)
+
+    def retrieve(self, question: str, num_candidates: int) -> list[Passage]:
+        """The retriever's top ``num_candidates`` documents for ``question``, as passages, best first."""
+        if self._query_embedder is None:
+            documents = self.retriever.run(query=question, top_k=num_candidates)["documents"]
+        else:
+            embedding = self._query_embedder.run(text=question)["embedding"]
+            documents = self.retriever.run(query_embedding=embedding, top_k=num_candidates)["documents"]
+        for document in documents:
+            self._documents[str(document.id)] = document
+        return [document_to_passage(d) for d in documents]
+
+    def prompt_text(self, question: str, passages: list[Passage]) -> list[dict]:
+        """The chat messages (Hugging Face format) the prompt builder renders for a question and passages.
+
+        Raises:
+            PipelineError: the template needs variables other than the question and the documents.
+        """
+        documents = [
+            self._documents.get(p.id) or Document(id=p.id, content=p.text, meta={"title": p.title}) for p in passages
+        ]
+        try:
+            prompt = self.prompt_builder.run(**{self.question_variable: question, self.documents_variable: documents})["prompt"]
+        except Exception as exc:  # noqa: BLE001 - a template error becomes one line naming the component
+            raise PipelineError(
+                f"{self.path}: prompt builder '{self.prompt_builder_name}' cannot render with only the question and the "
+                f"documents ({type(exc).__name__}: {exc}); give its other variables defaults"
+            ) from exc
+        messages = [ChatMessage.from_user(prompt)] if isinstance(prompt, str) else prompt
+        return [convert_message_to_hf_format(m) for m in messages]
+
+    def prompt_renderer(self, tokenizer) -> PromptRenderer:
+        """Prompt builder, then the chat template exactly as ``TransformersChatGenerator`` applies it."""
+
+        def render(question: str, passages) -> str:
+            return tokenizer.apply_chat_template(
+                self.prompt_text(question, list(passages)),
+                tokenize=False,
+                chat_template=self.generator.chat_template,
+                add_generation_prompt=True,
+                enable_thinking=self.generator.enable_thinking,
+            )
+
+        return render
+
+    def export(self, run_dir: Path) -> Path:
+        """Write ``<run_dir>/pipeline.yaml``: the pipeline with a DROSelector and the fine-tuned generator.
+
+        The generator is merged into its base model in ``<run_dir>/generator-model``; both the selector's run folder
+        and that model are referenced by absolute path. The retriever returns ``data.num_candidates`` documents, the
+        selector keeps ``selector.top_k``.
+
+        Raises:
+            PipelineError: the pipeline already has a component named ``dro_selector``.
+        """
+        run_dir = Path(run_dir).resolve()
+        if SELECTOR_NAME in self.serialized["components"]:
+            raise PipelineError(f"{self.path}: already has a component named '{SELECTOR_NAME}'; rename it")
+        generator_dir = export_generator(run_dir, run_dir / "generator-model")
+        tree = self.pipeline.to_dict()
+        components = tree["components"]
+        components[self.retriever_name]["init_parameters"]["top_k"] = self.num_candidates
+        components[self.generator_name]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] = str(generator_dir)
+        components[SELECTOR_NAME] = DROSelector(model=str(run_dir), top_k=self.top_k).to_dict()
+        into_builder = f"{self.prompt_builder_name}.{self.documents_variable}"
+        tree["connections"] = [
+            c for c in tree["connections"] if (c["sender"], c["receiver"]) != (f"{self.retriever_name}.documents", into_builder)
+        ] + [
+            {"sender": f"{self.retriever_name}.documents", "receiver": f"{SELECTOR_NAME}.documents"},
+            {"sender": f"{SELECTOR_NAME}.documents", "receiver": into_builder},
+        ]
+        optimized = Pipeline.from_dict(tree, allowed_modules=self.allowed_modules or None)
+        out = run_dir / "pipeline.yaml"
+        out.write_text(optimized.dumps(), encoding="utf-8")
+        return out

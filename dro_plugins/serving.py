@@ -1,0 +1,85 @@
+"""Selecting passages at serving time, shared by the Haystack component and the LlamaIndex postprocessor.
+
+Serving must never fail because of the selector: whatever goes wrong (an unusable output, a model error), the
+caller gets the first-stage order back together with the reason, and logs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from dro_plugins.data import Example, Passage
+from dro_plugins.models import load_pretrained, resolve_device
+from dro_plugins.permutation import parse_permutation
+from dro_plugins.run import RunPaths, load_trained_selector
+from dro_plugins.selector import LMSelector
+
+DEFAULT_PASSAGE_WORDS = 100
+
+
+def load_selector(model: str, top_k: int, device: str | None = None, max_passage_words: int | None = None) -> LMSelector:
+    """A selector for inference from a ``dro optimize`` run folder or from a Hugging Face id/path.
+
+    Args:
+        model: a run folder (has ``config.yaml``: its best selector adapter is loaded) or an HF id/local folder
+            (a plain causal LM, used as it is).
+        top_k: default k of :meth:`LMSelector.select`.
+        device: "auto", "cpu", "cuda", "cuda:N"; None keeps the run's device (run folder) or "auto".
+        max_passage_words: passages are cut to this many words; None takes the run's setting (or 100).
+
+    Raises:
+        DROError: the folder is not a run folder it claims to be, or the model cannot be loaded.
+    """
+    if RunPaths(Path(model)).config.is_file():
+        selector = load_trained_selector(model, device)
+        selector.top_k = top_k
+        if max_passage_words is not None:
+            selector.max_passage_words = max_passage_words
+        return selector
+    lm, tokenizer = load_pretrained(model, trust_remote_code=False, field="model")
+    torch_device, dtype = resolve_device(device or "auto")
+    lm.to(device=torch_device, dtype=dtype)
+    return LMSelector(lm, tokenizer, top_k=top_k, max_passage_words=max_passage_words or DEFAULT_PASSAGE_WORDS)
+
+
+def select_or_fallback(
+    selector: LMSelector,
+    query: str,
+    passages: Sequence[Passage],
+    top_k: int,
+    constrained: bool = True,
+    max_new_tokens: int = 64,
+) -> tuple[list[int], str | None]:
+    """The selector's top-k for one query, or the first-stage order when its output is unusable. Never raises.
+
+    Args:
+        selector: the selector.
+        query: the question.
+        passages: the candidates, in first-stage order.
+        top_k: how many to select; capped at ``len(passages)``.
+        constrained: decode with the permutation grammar (always valid); False writes free text and parses it
+            with :func:`dro_plugins.permutation.parse_permutation`.
+        max_new_tokens: longest free-text output, in tokens.
+
+    Returns:
+        ``(indices, problem)``: 0-based indices into ``passages``, best first, and None; or the first ``top_k``
+        indices and a sentence saying why the selector's output was not used.
+    """
+    k = min(top_k, len(passages))
+    fallback = list(range(k))
+    if k == 0:
+        return fallback, None
+    if not query.strip():
+        return fallback, "the query is empty"
+    example = Example(id="query", question=query, answers=("",), candidates=tuple(passages))
+    try:
+        if constrained:
+            return selector.select([example], k)[0], None
+        text = selector.write([example], k, max_new_tokens)[0]
+    except Exception as exc:  # noqa: BLE001 - serving falls back on any model failure, and says why
+        return fallback, f"the selector failed ({type(exc).__name__}: {exc})"
+    picked = parse_permutation(text, len(passages), k)
+    if picked is None:
+        return fallback, f"the selector wrote {text[:80]!r}, which does not name {k} distinct candidates [1]..[{len(passages)}]"
+    return picked, None
