@@ -14,7 +14,7 @@ import yaml
 
 from dro_plugins.config import LoraConfig, RunConfig, TinyModelConfig
 from dro_plugins.data import load_run_data
-from dro_plugins.models import add_lora, build_tiny_model, tiny_tokenizer
+from dro_plugins.models import add_lora, build_tiny_model, tiny_tokenizer, write_tiny_model
 from dro_plugins.run import build_models
 from dro_plugins.trainer import DROTrainer
 
@@ -24,6 +24,12 @@ TINY_LORA = {"rank": 8, "alpha": 16, "modules_to_save": ["embed_tokens", "lm_hea
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random causal LM folder (as `dro tiny-model` writes it), shared by the framework adapter tests."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=5)
 
 
 @pytest.fixture
@@ -73,5 +79,8 @@ def make_trainer(tree: dict) -> DROTrainer:
     selector, generator = build_models(config, Path(config.output_dir))
     return DROTrainer(config, selector, generator, *load_run_data(config), Path(config.output_dir))
 
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,16 +1,15 @@
 """`dro optimize / validate / evaluate` end to end, in process, on a slice of ../shared/data/musique."""
 
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from dro_plugins.cli.main import app
 from dro_plugins.trainer import DROTrainer
-from tests.conftest import tiny_run_config
+from tests.conftest import SHARED_DATA, tiny_run_config
 
-MUSIQUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "musique"
+MUSIQUE = SHARED_DATA / "musique"
 pytestmark = pytest.mark.skipif(not MUSIQUE.is_dir(), reason="../shared/data is not beside the checkout")
 
 

@@ -1,0 +1,235 @@
+"""Haystack adapter: the DROSelector component in real pipelines, and `dro optimize` on a Haystack pipeline YAML."""
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+pytest.importorskip("haystack")
+pytest.importorskip("haystack_integrations.components.generators.transformers")
+
+from haystack import Document, Pipeline  # noqa: E402
+from haystack.components.builders import ChatPromptBuilder  # noqa: E402
+from haystack.components.retrievers.in_memory import InMemoryBM25Retriever  # noqa: E402
+from haystack.dataclasses import ChatMessage  # noqa: E402
+from haystack.document_stores.in_memory import InMemoryDocumentStore  # noqa: E402
+from haystack_integrations.components.generators.transformers import TransformersChatGenerator  # noqa: E402
+
+from dro_plugins.cli.main import app  # noqa: E402
+from dro_plugins.config import load_config  # noqa: E402
+from dro_plugins.data import Example  # noqa: E402
+from dro_plugins.models import load_pretrained  # noqa: E402
+from dro_plugins.run import export_generator, load_trained  # noqa: E402
+from dro_plugins.permutation import parse_permutation  # noqa: E402
+from dro_plugins.serving import load_selector  # noqa: E402
+from haystack_integrations.components.rankers.dro import DROSelector  # noqa: E402
+from haystack_integrations.components.rankers.dro.pipeline import HaystackPipeline  # noqa: E402
+from haystack_integrations.components.rankers.dro.selector import document_to_passage  # noqa: E402
+from tests.conftest import REPO, SHARED_DATA, make_trainer, tiny_run_config  # noqa: E402
+
+EXAMPLE = REPO / "examples" / "haystack_nq"
+TEMPLATE = [ChatMessage.from_user("{% for d in documents %}[{{ loop.index }}] {{ d.content }}\n{% endfor %}Question: {{ question }}")]
+DOCS = [Document(id=str(i), content=f"passage {i} about {w}", meta={"title": w}) for i, w in enumerate("paris rome oslo lima bern kyiv".split())]
+
+
+def rag_pipeline(model_dir, selector: DROSelector) -> Pipeline:
+    store = InMemoryDocumentStore()
+    store.write_documents(DOCS)
+    pipeline = Pipeline()
+    pipeline.add_component("retriever", InMemoryBM25Retriever(document_store=store, top_k=6))
+    pipeline.add_component("selector", selector)
+    pipeline.add_component("prompt_builder", ChatPromptBuilder(template=TEMPLATE, required_variables="*"))
+    pipeline.add_component(
+        "llm",
+        TransformersChatGenerator(
+            model=str(model_dir), task="text-generation", generation_kwargs={"max_new_tokens": 4, "do_sample": False}
+        ),
+    )
+    pipeline.connect("retriever.documents", "selector.documents")
+    pipeline.connect("selector.documents", "prompt_builder.documents")
+    pipeline.connect("prompt_builder.prompt", "llm.messages")
+    return pipeline
+
+
+def _example(query, documents):
+    return Example(id="q", question=query, answers=("",), candidates=tuple(document_to_passage(d) for d in documents))
+
+
+def test_parse_permutation_reads_labels():
+    assert parse_permutation("[3] > [1] > [2]", 4, 2) == [2, 0]
+    assert parse_permutation("best: [ 4 ], then [4] and [9] and [2]", 4, 2) == [3, 1]  # repeat and out of range skipped
+    assert parse_permutation("[1] only", 4, 2) is None
+    assert parse_permutation("no labels at all", 4, 1) is None
+
+
+def test_selector_in_a_real_pipeline_returns_the_selectors_order(tiny_model_dir):
+    pipeline = rag_pipeline(tiny_model_dir, DROSelector(model=str(tiny_model_dir), top_k=3, device="cpu"))
+    query = "passage about oslo"
+    result = pipeline.run({"query": query, "question": query}, include_outputs_from={"retriever", "selector"})
+    retrieved, selected = result["retriever"]["documents"], result["selector"]["documents"]
+    expected = load_selector(str(tiny_model_dir), 3, "cpu").select([_example(query, retrieved)], 3)[0]
+    assert expected != [0, 1, 2]  # the random selector reorders, so returning the input order would fail
+    assert [d.id for d in selected] == [retrieved[i].id for i in expected]
+    assert len(result["llm"]["replies"]) == 1 and isinstance(result["llm"]["replies"][0].text, str)
+
+
+def test_to_dict_from_dict_and_yaml_round_trip_under_default_allowlist(tiny_model_dir):
+    selector = DROSelector(model=str(tiny_model_dir), top_k=2, device="cpu", max_passage_words=50, constrained=False)
+    data = selector.to_dict()
+    assert data["type"] == "haystack_integrations.components.rankers.dro.selector.DROSelector"
+    assert data["init_parameters"]["top_k"] == 2 and data["init_parameters"]["constrained"] is False
+    assert DROSelector.from_dict(data).to_dict() == data
+
+    pipeline = rag_pipeline(tiny_model_dir, selector)
+    loaded = Pipeline.loads(pipeline.dumps())  # no allowed_modules, no unsafe
+    assert loaded.to_dict()["components"] == pipeline.to_dict()["components"]
+    edges = lambda p: sorted((c["sender"], c["receiver"]) for c in p.to_dict()["connections"])  # noqa: E731
+    assert edges(loaded) == edges(pipeline)
+    assert isinstance(loaded.get_component("selector"), DROSelector)
+
+
+def test_unusable_output_falls_back_to_input_order_with_a_warning(tiny_model_dir, caplog):
+    # a random model writing free text does not produce "[i] > [j]"
+    selector = DROSelector(model=str(tiny_model_dir), top_k=2, device="cpu", constrained=False, max_new_tokens=6)
+    with caplog.at_level(logging.WARNING):
+        out = selector.run(query="which city?", documents=DOCS)["documents"]
+    assert [d.id for d in out] == ["0", "1"]
+    assert "does not name 2 distinct candidates" in caplog.text
+
+
+def test_model_failure_falls_back_instead_of_raising(tiny_model_dir, caplog):
+    selector = DROSelector(model=str(tiny_model_dir), top_k=2, device="cpu")
+    selector.warm_up()
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    selector._selector.select = broken
+    with caplog.at_level(logging.WARNING):
+        out = selector.run(query="which city?", documents=DOCS[:4])["documents"]
+    assert [d.id for d in out] == ["0", "1"]
+    assert "RuntimeError: CUDA out of memory" in caplog.text
+    assert selector.run(query="which city?", documents=[])["documents"] == []
+
+
+def test_training_prompt_is_the_serving_prompt(tiny_model_dir, tmp_path, write_config):
+    pipeline_yaml = tmp_path / "rag.yaml"
+    pipeline_yaml.write_text((EXAMPLE / "rag.yaml").read_text().replace("models/generator", str(tiny_model_dir)))
+    config = load_config(write_config(_run_tree(pipeline_yaml)))
+    haystack = HaystackPipeline(config)
+    passages = haystack.retrieve("who wrote hamlet", 3)
+    assert len(passages) == 3 and passages[0].title
+
+    _, tokenizer = load_pretrained(str(tiny_model_dir), False, "generator.model")
+    training_text = haystack.prompt_renderer(tokenizer)("who wrote hamlet", passages)
+
+    generator = haystack.generator
+    generator.warm_up()
+    messages = haystack.prompt_builder.run(question="who wrote hamlet", documents=[haystack._documents[p.id] for p in passages])
+    serving_text = generator._prepare_inputs(messages["prompt"])["prepared_prompt"]
+    assert training_text == serving_text
+    assert "who wrote hamlet" in training_text and passages[2].text[:20] in training_text
+
+
+def _run_tree(pipeline_yaml, **pipeline):
+    nq = SHARED_DATA / "nq"
+    return {
+        "pipeline": {"haystack": str(pipeline_yaml), **pipeline},
+        "documents": str(nq / "corpus.jsonl"),
+        "data": {"train": str(nq / "train.jsonl"), "validation": str(nq / "validation.jsonl"), "max_examples": 8, "num_candidates": 4},
+        "selector": {"model": "tiny-llama", "top_k": 2},
+        "output_dir": "runs/test",
+        "device": "cpu",
+    }
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="../shared/data is not beside the checkout")
+def test_optimize_writes_a_pipeline_that_loads_and_answers_in_a_fresh_process(tmp_path, monkeypatch):
+    for name in ("rag.yaml", "config.yaml", "app.py"):
+        shutil.copy(EXAMPLE / name, tmp_path / name)
+    original = (tmp_path / "rag.yaml").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    assert runner.invoke(app, ["tiny-model", "models/generator"]).exit_code == 0
+    nq = SHARED_DATA / "nq"
+    overrides = [
+        f"data.train={nq / 'train.jsonl'}", f"data.validation={nq / 'validation.jsonl'}", f"documents={nq / 'corpus.jsonl'}",
+        "data.max_examples=12", "warmup.generator_steps=2", "warmup.selector_steps=2", "dro.iterations=1",
+    ]
+    result = runner.invoke(app, ["optimize", "config.yaml", *sum((["--set", o] for o in overrides), [])])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "rag.yaml").read_bytes() == original
+
+    written = yaml.safe_load((tmp_path / "runs/haystack_nq/pipeline.yaml").read_text())
+    assert written["components"]["dro_selector"]["init_parameters"]["top_k"] == 3
+    assert written["components"]["retriever"]["init_parameters"]["top_k"] == 10
+    assert {"sender": "dro_selector.documents", "receiver": "prompt_builder.documents"} in written["connections"]
+    model = written["components"]["llm"]["init_parameters"]["huggingface_pipeline_kwargs"]["model"]
+    assert model == str((tmp_path / "runs/haystack_nq/generator-model").resolve())
+
+    answer = subprocess.run(
+        [sys.executable, "app.py", "who sang i will always love you", "--corpus", str(nq / "corpus.jsonl")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    lines = answer.stdout.splitlines()
+    assert lines[0].startswith("answer:") and [line[:3] for line in lines[1:]] == ["[1]", "[2]", "[3]"]
+
+
+def test_merged_generator_matches_the_trained_adapter(tmp_path):
+    musique = SHARED_DATA / "musique"
+    if not musique.is_dir():
+        pytest.skip("../shared/data is not beside the checkout")
+    tree = tiny_run_config(str(musique / "train.jsonl"), str(musique / "validation.jsonl"), str(tmp_path / "run"))
+    tree["data"]["max_examples"] = 4
+    trainer = make_trainer(tree)
+    trainer.fit()
+    _, _, generator = load_trained(tmp_path / "run", "cpu")
+    merged_dir = export_generator(tmp_path / "run", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    ids = torch.tensor([generator.prompt_ids(trainer.validation[0], [0, 1])])
+    assert torch.allclose(generator.model(ids).logits, merged(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t["components"].pop("retriever"), r"no retriever found among its components .*pipeline\.retriever"),
+        (lambda t: t["components"].pop("llm"), r"no generator found among its components .*pipeline\.generator"),
+        (
+            lambda t: t["components"]["llm"].update(type="mypkg.generators.MyGenerator"),
+            r"Haystack refuses to load this pipeline .*pipeline\.allowed_modules",
+        ),
+    ],
+)
+def test_unusable_pipelines_get_one_clear_line(tmp_path, tiny_model_dir, write_config, edit, message):
+    tree = yaml.safe_load((EXAMPLE / "rag.yaml").read_text())
+    edit(tree)
+    tree["connections"] = [
+        c for c in tree["connections"] if all(part.split(".")[0] in tree["components"] for part in c.values())
+    ]
+    pipeline_yaml = tmp_path / "rag.yaml"
+    pipeline_yaml.write_text(yaml.safe_dump(tree))
+    before = pipeline_yaml.read_bytes()
+    result = CliRunner().invoke(app, ["validate", str(write_config(_run_tree(pipeline_yaml)))])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) <= 4  # one message, wrapped by the terminal width at most
+    assert re.search(message, " ".join(result.output.split())), result.output
+    assert pipeline_yaml.read_bytes() == before
+
+
+def test_a_component_name_that_does_not_exist(tmp_path, tiny_model_dir, write_config):
+    pipeline_yaml = tmp_path / "rag.yaml"
+    pipeline_yaml.write_text((EXAMPLE / "rag.yaml").read_text().replace("models/generator", str(tiny_model_dir)))
+    result = CliRunner().invoke(app, ["validate", str(write_config(_run_tree(pipeline_yaml, retriever="bm25")))])
+    assert result.exit_code == 2
+    assert "pipeline.retriever: no component named 'bm25'" in " ".join(result.output.split())
+    assert "retriever, prompt_builder, llm" in " ".join(result.output.split())
