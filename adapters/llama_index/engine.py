@@ -1,0 +1,134 @@
+"""A LlamaIndex query engine as the thing DRO trains (:class:`dro_plugins.pipeline.TrainablePipeline`).
+
+LlamaIndex apps are Python, so the run config names a factory, ``pipeline.llama_index: "app.py:build_query_engine"``,
+a function that returns a ``RetrieverQueryEngine``. From the engine come the retriever (candidates), the response
+synthesizer's QA prompt template (the generator's prompt text, rendered as the LLM renders it when serving) and its
+LLM, a ``HuggingFaceLLM`` whose model becomes the DRO generator.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from llama_index.core.llms import ChatMessage
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.schema import MetadataMode, QueryBundle
+from llama_index.llms.huggingface import HuggingFaceLLM
+
+from dro_plugins.config import RunConfig
+from dro_plugins.data import Passage
+from dro_plugins.errors import PipelineError
+from dro_plugins.generator import PromptRenderer
+from dro_plugins.run import export_generator
+from llama_index.postprocessor.dro.postprocessor import node_to_passage
+
+QA_TEMPLATE = "response_synthesizer:text_qa_template"
+
+
+def load_factory(spec: str):
+    """The function named by ``"path/to/file.py:function"``.
+
+    Raises:
+        PipelineError: the file does not exist or does not define the function.
+    """
+    file, sep, name = spec.rpartition(":")
+    path = Path(file)
+    if not sep or not name:
+        raise PipelineError(f"pipeline.llama_index: '{spec}' is not 'file.py:function', e.g. app.py:build_query_engine")
+    if not path.is_file():
+        raise PipelineError(f"pipeline.llama_index: {path} not found; name a Python file relative to the run config")
+    module_name = f"dro_factory_{path.stem}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module  # pickling and dataclasses inside the app need the module registered
+    module_spec.loader.exec_module(module)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise PipelineError(f"pipeline.llama_index: {path} has no function '{name}'")
+    return factory
+
+
+class LlamaIndexPipeline:
+    """The trainable units of a LlamaIndex ``RetrieverQueryEngine`` built by a factory.
+
+    Args:
+        config: the run config (``pipeline.llama_index`` set).
+
+    Attributes:
+        engine: the query engine the factory returned.
+        generator_model: the ``HuggingFaceLLM``'s model id or folder.
+
+    Raises:
+        PipelineError: the factory cannot be found, returns something other than a ``RetrieverQueryEngine``, or the
+            engine's LLM is not a local Hugging Face model.
+    """
+
+    def __init__(self, config: RunConfig):
+        self.spec = config.pipeline.llama_index
+        engine = load_factory(self.spec)()
+        if not isinstance(engine, RetrieverQueryEngine):
+            raise PipelineError(
+                f"pipeline.llama_index: {self.spec} returned a {type(engine).__name__}, not a RetrieverQueryEngine; "
+                "return index.as_query_engine(...) or a RetrieverQueryEngine"
+            )
+        self.engine = engine
+        self.retriever = engine.retriever
+        self.template = engine.get_prompts().get(QA_TEMPLATE)
+        if self.template is None:
+            raise PipelineError(
+                "pipeline.llama_index: the engine's response synthesizer has no text_qa_template; use a synthesizer "
+                "that answers from the retrieved context (the default 'compact' does)"
+            )
+        self.llm = engine._response_synthesizer._llm  # no public accessor in llama-index-core 0.14
+        if not isinstance(self.llm, HuggingFaceLLM):
+            raise PipelineError(
+                f"pipeline.llama_index: the engine's LLM is a {type(self.llm).__name__}, not a local HuggingFaceLLM, so DRO "
+                "cannot train it; swap it for HuggingFaceLLM(model_name=...), or train the selector alone with a "
+                "DROSelectorPostprocessor on a local stand-in generator (a separate run config without pipeline:)"
+            )
+        self.generator_model = self.llm.model_name
+        self._nodes: dict = {}
+
+    def retrieve(self, question: str, num_candidates: int) -> list[Passage]:
+        """The retriever's top ``num_candidates`` nodes for ``question``, as passages, best first."""
+        if hasattr(self.retriever, "similarity_top_k"):
+            self.retriever.similarity_top_k = num_candidates
+        nodes = self.retriever.retrieve(QueryBundle(question))[:num_candidates]
+        for node in nodes:
+            self._nodes[node.node.node_id] = node.node
+        return [node_to_passage(n.node) for n in nodes]
+
+    def context(self, passages) -> str:
+        """The synthesizer's ``context_str``: each node's LLM view (metadata and text), blank-line separated."""
+        return "\n\n".join(
+            self._nodes[p.id].get_content(MetadataMode.LLM) if p.id in self._nodes else p.text for p in passages
+        )
+
+    def prompt_renderer(self, tokenizer) -> PromptRenderer:
+        """The QA template, then the LLM's own prompt wrapping (system prompt, query wrapper or chat template).
+
+        This is the path of ``LLM.predict`` in the synthesizer: ``_get_messages`` + ``messages_to_prompt`` for chat
+        LLMs, ``_get_prompt`` otherwise. It holds when the context fits in one LLM call (``compact`` packs all
+        selected nodes into one prompt when they fit the context window).
+        """
+        llm = self.llm
+
+        def render(question: str, passages) -> str:
+            arguments = {"context_str": self.context(passages), "query_str": question}
+            if llm.metadata.is_chat_model:
+                messages: list[ChatMessage] = llm._get_messages(self.template, **arguments)
+                return llm.messages_to_prompt(messages)
+            return llm._get_prompt(self.template, **arguments)
+
+        return render
+
+    def export(self, run_dir: Path) -> Path:
+        """Merge the fine-tuned generator into ``<run_dir>/generator-model`` (a plain Hugging Face folder).
+
+        With the selector adapter already in ``run_dir``, that is all ``build_query_engine(run_dir=...)`` needs:
+        ``HuggingFaceLLM(model_name=run_dir / "generator-model")`` and
+        ``DROSelectorPostprocessor.from_pretrained(run_dir)``.
+        """
+        return export_generator(run_dir, Path(run_dir).resolve() / "generator-model")

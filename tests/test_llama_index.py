@@ -1,0 +1,176 @@
+"""LlamaIndex adapter: DROSelectorPostprocessor in real query engines, and `dro optimize` on a query-engine factory."""
+
+import asyncio
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("llama_index.core")
+pytest.importorskip("llama_index.llms.huggingface")
+
+from llama_index.core import MockEmbedding, VectorStoreIndex  # noqa: E402
+from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
+from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode  # noqa: E402
+from llama_index.llms.huggingface import HuggingFaceLLM  # noqa: E402
+from llama_index.postprocessor.dro import DROSelectorPostprocessor  # noqa: E402
+from llama_index.postprocessor.dro.postprocessor import node_to_passage  # noqa: E402
+
+from dro_plugins.cli.main import app  # noqa: E402
+from dro_plugins.data import Example  # noqa: E402
+from dro_plugins.serving import load_selector  # noqa: E402
+from tests.conftest import REPO, SHARED_DATA  # noqa: E402
+
+EXAMPLE = REPO / "examples" / "llama_index_nq"
+NODES = [TextNode(id_=str(i), text=f"passage {i} about {w}", metadata={"title": w}) for i, w in enumerate("paris rome oslo lima bern kyiv".split())]
+
+
+def tiny_llm(model_dir) -> HuggingFaceLLM:
+    return HuggingFaceLLM(
+        model_name=str(model_dir), tokenizer_name=str(model_dir), device_map="cpu", max_new_tokens=4,
+        context_window=2048, generate_kwargs={"do_sample": False},
+    )
+
+
+def scored(nodes):
+    return [NodeWithScore(node=n, score=1.0 - i / 10) for i, n in enumerate(nodes)]
+
+
+def test_postprocessor_in_a_query_engine_returns_the_selectors_order(tiny_model_dir):
+    index = VectorStoreIndex(NODES, embed_model=MockEmbedding(embed_dim=8))
+    postprocessor = DROSelectorPostprocessor(model=str(tiny_model_dir), top_n=3, device="cpu")
+    engine = index.as_query_engine(llm=tiny_llm(tiny_model_dir), similarity_top_k=6, node_postprocessors=[postprocessor])
+    query = "which passage is about oslo?"
+    retrieved = index.as_retriever(similarity_top_k=6).retrieve(query)
+    expected = load_selector(str(tiny_model_dir), 3, "cpu").select(
+        [Example(id="q", question=query, answers=("",), candidates=tuple(node_to_passage(n.node) for n in retrieved))], 3
+    )[0]
+    assert expected != [0, 1, 2]  # the random selector reorders, so returning the input order would fail
+
+    response = engine.query(query)
+    assert [n.node.node_id for n in response.source_nodes] == [retrieved[i].node.node_id for i in expected]
+    assert [n.score for n in response.source_nodes] == [retrieved[i].score for i in expected]
+    assert isinstance(response.response, str)
+
+
+def test_rerank_events_and_the_async_path(tiny_model_dir):
+    seen = []
+
+    class Recorder(BaseEventHandler):
+        def handle(self, event, **kwargs):
+            seen.append(event)
+
+    recorder = Recorder()
+    root = get_dispatcher()
+    root.add_event_handler(recorder)
+    try:
+        postprocessor = DROSelectorPostprocessor(model=str(tiny_model_dir), top_n=2, device="cpu")
+        nodes = scored(NODES)
+        selected = postprocessor.postprocess_nodes(nodes, query_str="rome?")
+        concurrent = asyncio.run(postprocessor.apostprocess_nodes(nodes, query_str="rome?"))
+    finally:
+        root.event_handlers.remove(recorder)
+    names = [type(e).__name__ for e in seen]
+    assert names.count("ReRankStartEvent") == 2 and names.count("ReRankEndEvent") == 2
+    start = next(e for e in seen if type(e).__name__ == "ReRankStartEvent")
+    assert start.top_n == 2 and start.model_name == str(tiny_model_dir) and len(start.nodes) == 6
+    assert [n.node.node_id for n in concurrent] == [n.node.node_id for n in selected] and len(selected) == 2
+
+
+def test_unusable_output_falls_back_to_input_order_with_a_warning(tiny_model_dir, caplog):
+    postprocessor = DROSelectorPostprocessor(model=str(tiny_model_dir), top_n=2, device="cpu", constrained=False, max_new_tokens=6)
+    with caplog.at_level(logging.WARNING):
+        out = postprocessor.postprocess_nodes(scored(NODES), QueryBundle("which city?"))
+    assert [n.node.node_id for n in out] == ["0", "1"]
+    assert "does not name 2 distinct candidates" in caplog.text
+
+
+def test_class_name_and_to_dict_contract(tiny_model_dir):
+    postprocessor = DROSelectorPostprocessor(model=str(tiny_model_dir), top_n=4, max_passage_words=30)
+    data = postprocessor.to_dict()
+    assert DROSelectorPostprocessor.class_name() == data["class_name"] == "DROSelectorPostprocessor"
+    assert data["model"] == str(tiny_model_dir) and data["top_n"] == 4 and data["max_passage_words"] == 30
+    assert DROSelectorPostprocessor.from_dict(data).to_dict() == data
+    assert json.loads(postprocessor.to_json())["top_n"] == 4
+
+
+def _write_factory(folder, body: str) -> str:
+    (folder / "factory.py").write_text(body)
+    return f"{folder / 'factory.py'}:build"
+
+
+def _run_tree(factory: str, **extra):
+    nq = SHARED_DATA / "nq"
+    tree = {
+        "pipeline": {"llama_index": factory},
+        "data": {"train": str(nq / "train.jsonl"), "validation": str(nq / "validation.jsonl"), "max_examples": 8, "num_candidates": 4},
+        "selector": {"model": "tiny-llama", "top_k": 2},
+        "output_dir": "runs/test",
+        "device": "cpu",
+    }
+    return tree | extra
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (None, r"pipeline\.llama_index: .*missing\.py not found"),
+        ("def other():\n    pass\n", r"factory\.py has no function 'build'"),
+        ("def build():\n    return 42\n", r"returned a int, not a RetrieverQueryEngine"),
+        (
+            "from llama_index.core import MockEmbedding, VectorStoreIndex\nfrom llama_index.core.llms import MockLLM\n"
+            "from llama_index.core.schema import TextNode\n"
+            "def build():\n    index = VectorStoreIndex([TextNode(text='x')], embed_model=MockEmbedding(embed_dim=4))\n"
+            "    return index.as_query_engine(llm=MockLLM())\n",
+            r"the engine's LLM is a MockLLM, not a local HuggingFaceLLM.*swap it for HuggingFaceLLM.*train the selector alone",
+        ),
+    ],
+)
+def test_unusable_factories_get_one_clear_line(tmp_path, write_config, body, message):
+    factory = _write_factory(tmp_path, body) if body else f"{tmp_path / 'missing.py'}:build"
+    result = CliRunner().invoke(app, ["validate", str(write_config(_run_tree(factory)))])
+    assert result.exit_code == 2
+    assert re.search(message, " ".join(result.output.split())), result.output
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="../shared/data is not beside the checkout")
+def test_optimize_on_the_example_factory_and_serve_in_a_fresh_process(tmp_path, write_config, tiny_model_dir, monkeypatch):
+    # a corpus slice (the candidates of the questions used) keeps the MiniLM index build to seconds
+    nq = SHARED_DATA / "nq"
+    passages = {}
+    for name in ("train.jsonl", "validation.jsonl"):
+        for line in (nq / name).read_text().splitlines()[:8]:
+            for ctx in json.loads(line)["ctxs"]:
+                passages[ctx["id"]] = {"id": ctx["id"], "title": ctx["title"], "text": ctx["text"]}
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in passages.values()))
+    factory = _write_factory(
+        tmp_path,
+        f"import sys\nsys.path.insert(0, {str(EXAMPLE)!r})\nimport app\nfrom pathlib import Path\n"
+        f"app.GENERATOR = Path({str(tiny_model_dir)!r})\n"
+        f"def build(run_dir=None):\n"
+        f"    return app.build_query_engine(run_dir, corpus=Path({str(corpus)!r}), storage=Path({str(tmp_path / 'storage')!r}))\n",
+    )
+    monkeypatch.chdir(tmp_path)
+    tree = _run_tree(factory, warmup={"generator_steps": 2, "selector_steps": 2}, dro={"iterations": 1, "num_samples": 2})
+    tree["output_dir"] = str(tmp_path / "run")
+    result = CliRunner().invoke(app, ["optimize", str(write_config(tree))])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "storage" / "docstore.json").is_file() and (tmp_path / "run" / "generator-model" / "config.json").is_file()
+
+    script = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from factory import build\n"
+        f"response = build(run_dir={str(tmp_path / 'run')!r}).query('who sang i will always love you')\n"
+        "print(len(response.source_nodes)); print(type(response.response).__name__)"
+    )
+    served = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert served.returncode == 0, served.stderr[-2000:]
+    assert served.stdout.split() == ["2", "str"]
