@@ -69,10 +69,6 @@ def _tracker(progress: Progress):
     return track
 
 
-def _no_track(iterable, _description: str, _total: int):
-    return iterable
-
-
 def _history_table(history: list[dict], num_samples: int) -> Table:
     table = Table(title="validation per EM iteration")
     for column in ("iteration", "stage", "EM", "F1", "recall", "ESS", "selector loss", "generator loss"):
@@ -123,7 +119,7 @@ def _open_pipeline(config: RunConfig):
     return pipeline
 
 
-def _retrieve(config: RunConfig, pipeline, examples, track=_no_track):
+def _retrieve(config: RunConfig, pipeline, examples, track):
     from dro_plugins.pipeline import attach_candidates
 
     return attach_candidates(examples, pipeline, config.data.num_candidates, config.selector.top_k, track)

@@ -21,7 +21,7 @@ import torch
 
 from dro_plugins.config import RunConfig, load_config
 from dro_plugins.errors import DROError
-from dro_plugins.generator import LMGenerator, PromptRenderer
+from dro_plugins.generator import LMGenerator
 from dro_plugins.models import add_lora, load_base_model, load_lora, resolve_device
 from dro_plugins.selector import LMSelector
 
@@ -95,8 +95,11 @@ def make_selector(config: RunConfig, model, tokenizer) -> LMSelector:
     return LMSelector(model, tokenizer, top_k=config.selector.top_k, max_passage_words=config.selector.max_passage_words)
 
 
-def make_generator(config: RunConfig, model, tokenizer, prompt: PromptRenderer | None = None) -> LMGenerator:
-    """An :class:`LMGenerator` with the config's settings; ``prompt`` as in :class:`LMGenerator`."""
+def make_generator(config: RunConfig, model, tokenizer) -> LMGenerator:
+    """An :class:`LMGenerator` with the config's settings and the built-in prompt.
+
+    A framework adapter sets ``generator.prompt`` to its pipeline's renderer afterwards (it needs the tokenizer).
+    """
     section = config.generator
     return LMGenerator(
         model,
@@ -104,13 +107,10 @@ def make_generator(config: RunConfig, model, tokenizer, prompt: PromptRenderer |
         max_passage_words=section.max_passage_words,
         max_new_tokens=section.max_new_tokens,
         length_normalize=section.length_normalize,
-        prompt=prompt,
     )
 
 
-def build_models(
-    config: RunConfig, run_dir: Path, adapters: Path | None = None, trainable: bool = True, prompt: PromptRenderer | None = None
-):
+def build_models(config: RunConfig, run_dir: Path, adapters: Path | None = None, trainable: bool = True):
     """The selector and generator of a run (see :func:`load_model` for the arguments).
 
     Returns:
@@ -121,7 +121,7 @@ def build_models(
     """
     selector = make_selector(config, *load_model(config, "selector", run_dir, adapters, trainable))
     generator_model, tokenizer = load_model(config, "generator", run_dir, adapters, trainable)
-    return selector, make_generator(config, generator_model, tokenizer, prompt)
+    return selector, make_generator(config, generator_model, tokenizer)
 
 
 def _saved_config(run_dir: Path, device: str | None) -> RunConfig:
@@ -134,7 +134,7 @@ def _saved_config(run_dir: Path, device: str | None) -> RunConfig:
     return config
 
 
-def load_trained(run_dir: str | Path, device: str | None = None, prompt: PromptRenderer | None = None):
+def load_trained(run_dir: str | Path, device: str | None = None):
     """The best selector and generator of a finished (or interrupted) run, for inference.
 
     Returns:
@@ -144,7 +144,7 @@ def load_trained(run_dir: str | Path, device: str | None = None, prompt: PromptR
         DROError: ``run_dir`` is not a run folder. ModelLoadError: a base model cannot be loaded.
     """
     config = _saved_config(run_dir, device)
-    selector, generator = build_models(config, Path(run_dir), adapters=Path(run_dir), trainable=False, prompt=prompt)
+    selector, generator = build_models(config, Path(run_dir), adapters=Path(run_dir), trainable=False)
     return config, selector, generator
 
 
