@@ -152,15 +152,21 @@ class DROTrainer:
         warm = self.config.warmup
         if warm.generator_steps or warm.selector_steps:
             self._record(state, self._validate(), 0, stage="before_warmup")
-            self._warmup(warm.generator_steps, warm.selector_steps)
+            self.warm_up()
         self._record(state, self._validate(), 0)
         self._checkpoint(state)
         return state
 
     # ---- warm-up (paper §6.4) -------------------------------------------------------------------
 
-    def _warmup(self, generator_steps: int, selector_steps: int) -> None:
-        """Supervised steps on labelled positives: the generator reads them, the selector learns to pick them."""
+    def warm_up(self) -> None:
+        """Supervised steps on labelled positives: the generator reads them, the selector learns to pick them.
+
+        Runs ``warmup.generator_steps`` then ``warmup.selector_steps``; :meth:`fit` calls it on a fresh run.
+
+        Raises:
+            Interrupted: Ctrl-C during the warm-up (nothing is saved).
+        """
         k = self.config.selector.top_k
         labelled = [ex for ex in self.train_set if positive_candidates(ex)]
         if not labelled:
@@ -168,7 +174,7 @@ class DROTrainer:
             return
         warm = self.config.warmup
         optimizers = {role: _adamw(model, warm.learning_rate) for role, model in self.models.items()}
-        for offset, (role, steps) in enumerate((("generator", generator_steps), ("selector", selector_steps))):
+        for offset, (role, steps) in enumerate((("generator", warm.generator_steps), ("selector", warm.selector_steps))):
             rng = random.Random(self.config.seed * 7919 + offset)
             for _ in self.track(range(steps), f"warm-up {role}", steps):
                 batch = rng.sample(labelled, min(warm.batch_size, len(labelled)))

@@ -1,0 +1,430 @@
+"""Does DRO learn? The paper's ablations on tasks where tiny CPU models can learn, plus real data as it is.
+
+Methods (all on the same task, seeds, warm-ups and number of M-step batches):
+
+- ``dro``: the full method (E-step importance weights, Eq. 7; M-step Eq. 10 and 11);
+- ``no_selector_training``: the selector stays at its warm-up state, the generator is trained with DRO
+  (paper Table 4, "w/o selector");
+- ``no_generator_training``: the generator stays at its warm-up state, the selector is trained ("w/o generator");
+- ``unweighted``: every sample weighted 1/m (what the authors' released code amounts to);
+- ``sft_first_k``: no selector; the generator is fine-tuned on the first-stage top-k (standard RAG fine-tuning).
+
+Each (task, seed) warms up once (paper §6.4) and every method starts from that state, so iteration 0 is
+the same for all methods that use the selector. Prints a table; writes ``results.json`` and PNG plots to
+``--out``. ``--quick`` is a few-minute version used by the test suite.
+
+    python benchmarks/learning.py --out benchmarks/results/learning
+    python benchmarks/learning.py --quick --out /tmp/learning-quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from dro_plugins.config import RunConfig  # noqa: E402
+from dro_plugins.data import Example, load_examples  # noqa: E402
+from dro_plugins.evaluation import batches, evaluate  # noqa: E402
+from dro_plugins.metrics import passage_has_answer  # noqa: E402
+from dro_plugins.objective import generator_loss  # noqa: E402
+from dro_plugins.run import build_models  # noqa: E402
+from dro_plugins.synthetic import make_dataset, make_entity_dataset  # noqa: E402
+from dro_plugins.trainer import DROTrainer  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+METHODS = ("dro", "no_selector_training", "no_generator_training", "unweighted", "sft_first_k")
+METHOD_SETTINGS = {
+    "dro": {},
+    "no_selector_training": {"train_selector": False},
+    "no_generator_training": {"train_generator": False},
+    "unweighted": {"weighting": "uniform"},
+}
+METRICS = ("em", "f1", "recall")
+DIAGNOSTICS = ("ess", "weight_entropy", "distinct_samples", "sample_recall")
+TINY_LORA = {"rank": 8, "alpha": 16, "modules_to_save": ["embed_tokens", "lm_head"]}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A benchmark task: how to make its questions, and the run settings that fit it.
+
+    ``make(split, size, seed)`` returns ``size`` questions of ``split`` ("train" or "validation").
+    ``sections`` are merged into the run config (warm-up, selector, generator and dro settings).
+    """
+
+    name: str
+    make: Callable[[str, int, int], list[Example]]
+    num_candidates: int
+    top_k: int
+    train_size: int
+    validation_size: int
+    sections: dict = field(default_factory=dict)
+    seeds: int = 3
+    sweep: tuple[int, ...] = ()
+
+
+def shared_questions(split: str, size: int, _seed: int, name: str, num_candidates: int, top_k: int) -> list[Example]:
+    """The first ``size`` questions of ``../shared/data/<name>/<split>.jsonl``, whatever the seed."""
+    return load_examples(SHARED_DATA / name / f"{split}.jsonl", num_candidates, top_k, max_examples=size)
+
+
+def synthetic_questions(split: str, size: int, seed: int, num_candidates: int, entity: bool = False) -> list[Example]:
+    """Fresh synthetic questions (value task, or entity task); train and validation use different seeds."""
+    seed = 2 * seed + (split == "validation")
+    if entity:
+        return make_entity_dataset(size, num_candidates, seed)
+    return make_dataset(size, num_candidates, seed, passage_words=2)
+
+
+def _synthetic_sections(iterations: int, num_samples: int, selector_warmup: int) -> dict:
+    return {
+        "warmup": {"generator_steps": 300, "selector_steps": selector_warmup, "learning_rate": 3e-3, "batch_size": 32},
+        "dro": {"iterations": iterations, "num_samples": num_samples, "learning_rate": 3e-3, "batch_size": 16},
+    }
+
+
+def tasks(quick: bool) -> dict[str, Task]:
+    """The tasks of a full or quick run, by name."""
+    if quick:
+        return {"synthetic_8": Task("synthetic_8", partial(synthetic_questions, num_candidates=8), 8, 2, 256, 100, _synthetic_sections(3, 16, 70), seeds=1)}
+    # 20 candidates get fewer iterations: even supervised training needs more steps than this budget allows (README)
+    real = {
+        "selector": {"max_passage_words": 16},
+        "generator": {"max_passage_words": 32, "max_new_tokens": 8},
+        "warmup": {"generator_steps": 40, "selector_steps": 20, "learning_rate": 3e-3, "batch_size": 16},
+        "dro": {"iterations": 3, "num_samples": 4, "learning_rate": 3e-3, "batch_size": 16},
+    }
+    listed = [
+        Task("synthetic_8", partial(synthetic_questions, num_candidates=8), 8, 2, 256, 200, _synthetic_sections(6, 16, 70), sweep=(1, 2, 4, 8, 16)),
+        Task("synthetic_20", partial(synthetic_questions, num_candidates=20), 20, 2, 256, 200, _synthetic_sections(3, 16, 70)),
+        Task("entity_8", partial(synthetic_questions, num_candidates=8, entity=True), 8, 2, 256, 200, _synthetic_sections(5, 16, 70), seeds=1),
+        Task("nq", partial(shared_questions, name="nq", num_candidates=10, top_k=3), 10, 3, 96, 64, real, seeds=1),
+        Task("musique", partial(shared_questions, name="musique", num_candidates=10, top_k=3), 10, 3, 96, 64, real, seeds=1),
+    ]
+    return {task.name: task for task in listed}
+
+
+def chance_recall(examples: Sequence[Example], top_k: int) -> float:
+    """Expected recall@k of a uniformly random k-subset: ``1 - C(n - h, k) / C(n, k)`` with h positives, averaged."""
+    total = 0.0
+    for example in examples:
+        n = len(example.candidates)
+        h = sum(passage_has_answer(p, example.answers) for p in example.candidates)
+        total += 1 - math.comb(n - h, top_k) / math.comb(n, top_k)
+    return total / len(examples)
+
+
+def run_config(task: Task, seed: int, output_dir: Path, **dro) -> RunConfig:
+    """The run config of one method run: tiny models, the task's sections, ``dro`` overrides, no early stopping."""
+    tree = {
+        "data": {"train": "unused", "validation": "unused", "num_candidates": task.num_candidates},
+        "selector": {"model": "tiny-llama", "top_k": task.top_k, "lora": dict(TINY_LORA)},
+        "generator": {"model": "tiny-llama", "max_new_tokens": 4, "lora": dict(TINY_LORA)},
+        "output_dir": str(output_dir),
+        "device": "cpu",
+        "seed": seed,
+        "eval_batch_size": 100,
+    }
+    for key, value in task.sections.items():
+        tree.setdefault(key, {}).update(value)
+    tree["dro"] = {**tree["dro"], **dro}
+    tree["dro"]["patience"] = tree["dro"]["iterations"] + 1  # every method runs the whole budget
+    return RunConfig.model_validate(tree)
+
+
+class FirstStage:
+    """The selector of ``sft_first_k``: the first k candidates in first-stage order."""
+
+    def __init__(self, top_k: int):
+        self.top_k = top_k
+
+    def select(self, batch: Sequence[Example], k: int | None = None) -> list[list[int]]:
+        return [list(range(k or self.top_k)) for _ in batch]
+
+
+def sft_first_k(config: RunConfig, generator, train: list[Example], validation: list[Example]) -> list[dict]:
+    """Fine-tune the generator on the first-stage top-k with the M-step's batch count, optimizer and clipping.
+
+    Returns:
+        the per-iteration history ``[{"iteration", "em", "f1", "recall"}]``, iteration 0 before training.
+    """
+    dro, k = config.dro, config.selector.top_k
+    first_stage = FirstStage(k)
+    params = [p for p in generator.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=dro.learning_rate, weight_decay=dro.weight_decay)
+
+    def validate(iteration: int) -> dict:
+        result = evaluate(first_stage, generator, validation, config.eval_batch_size)
+        return {"iteration": iteration, **{name: result[name] for name in METRICS}}
+
+    history = [validate(0)]
+    shuffle = torch.Generator().manual_seed(config.seed)
+    for iteration in range(1, dro.iterations + 1):
+        generator.model.train()
+        for index in batches(torch.randperm(len(train), generator=shuffle).tolist(), dro.batch_size):
+            batch = [train[i] for i in index]
+            permutations = torch.arange(k).expand(len(batch), 1, k)
+            loss = generator_loss(torch.ones(len(batch), 1), generator.log_likelihood(batch, permutations))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, dro.max_grad_norm)
+            optimizer.step()
+        history.append(validate(iteration))
+    return history
+
+
+def _history(report: dict) -> list[dict]:
+    keep = ("iteration",) + METRICS + DIAGNOSTICS
+    return [{key: line[key] for key in keep if key in line} for line in report["history"] if line["stage"] == "dro"]
+
+
+def _questions(task: Task, seed: int) -> tuple[list[Example], list[Example]]:
+    return task.make("train", task.train_size, seed), task.make("validation", task.validation_size, seed)
+
+
+def warm_up(task: Task, seed: int, folder: Path) -> dict:
+    """The shared warm-up of (task, seed): adapters saved to ``folder/<role>``.
+
+    Returns:
+        ``{"before_warmup": {em, f1, recall}, "seconds": float}``.
+    """
+    torch.set_num_threads(1)
+    train, validation = _questions(task, seed)
+    config = run_config(task, seed, folder)
+    selector, generator = build_models(config, folder)
+    trainer = DROTrainer(config, selector, generator, train, validation, folder)
+    before = evaluate(selector, generator, validation, config.eval_batch_size)
+    started = time.perf_counter()
+    trainer.warm_up()
+    for role, model in trainer.models.items():
+        model.save_pretrained(folder / role)
+    return {"before_warmup": {key: before[key] for key in METRICS}, "seconds": time.perf_counter() - started}
+
+
+def run_method(task: Task, seed: int, method: str, num_samples: int, warm: Path, folder: Path) -> dict:
+    """One method run from the warm-up in ``warm``, with ``num_samples`` (m) permutations per question.
+
+    Returns:
+        ``{"history": [{"iteration", "em", "f1", "recall", ...E-step diagnostics}], "seconds": float}``.
+    """
+    torch.set_num_threads(1)
+    train, validation = _questions(task, seed)
+    config = run_config(task, seed, folder, **METHOD_SETTINGS.get(method, {}), num_samples=num_samples)
+    config.warmup.generator_steps = config.warmup.selector_steps = 0  # the shared warm-up replaces it
+    selector, generator = build_models(config, warm, adapters=warm)
+    started = time.perf_counter()
+    if method == "sft_first_k":
+        history = sft_first_k(config, generator, train, validation)
+    else:
+        history = _history(DROTrainer(config, selector, generator, train, validation, folder).fit())
+    shutil.rmtree(folder, ignore_errors=True)  # samples and checkpoints are not needed afterwards
+    return {"history": history, "seconds": time.perf_counter() - started}
+
+
+# ---- aggregation, table, plots ------------------------------------------------------------------
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(histories: Sequence[list[dict]]) -> dict:
+    """Mean ± std over seeds: final-iteration ``em``/``f1``/``recall`` (+ ``std``) and the per-iteration ``history``."""
+    history = []
+    for lines in zip(*histories):
+        line = {"iteration": lines[0]["iteration"]}
+        for key in METRICS + DIAGNOSTICS:
+            if all(key in x for x in lines):
+                line[key], line[f"{key}_std"] = _mean_std([x[key] for x in lines])
+        history.append(line)
+    final = history[-1]
+    return {
+        **{key: final[key] for key in METRICS},
+        "std": {key: final[f"{key}_std"] for key in METRICS},
+        "history": history,
+        "seeds": list(histories),
+    }
+
+
+def summarize(task: Task, seeds: Sequence[int], warm_ups: dict, runs: dict) -> dict:
+    """One task's entry of results.json, from the results of :func:`warm_up` and :func:`run_method`."""
+    validation = task.make("validation", task.validation_size, seeds[0])
+    chance = chance_recall(validation, task.top_k)
+    main_m = task.sections["dro"]["num_samples"]
+    found = sorted({(method, m) for (name, _seed, method, m) in runs if name == task.name})
+
+    def histories(method: str, m: int) -> list[list[dict]]:
+        return [runs[task.name, seed, method, m]["history"] for seed in seeds]
+
+    after_warmup = [h[0]["recall"] for h in histories("dro", main_m)] if ("dro", main_m) in found else []
+    return {
+        "num_candidates": task.num_candidates,
+        "top_k": task.top_k,
+        "seeds": list(seeds),
+        "chance_recall": chance,
+        "before_warmup": {key: statistics.fmean(warm_ups[task.name, seed]["before_warmup"][key] for seed in seeds) for key in METRICS},
+        # the warm-up rule: the selector's warm-up leaves recall at most 0.1 above chance
+        "warmup_within_rule": [recall <= chance + 0.1 for recall in after_warmup],
+        "methods": {method: aggregate(histories(method, m)) for method, m in found if m == main_m},
+        "num_samples": {str(m): aggregate(histories(method, m)) for method, m in found if method == "dro" and m in task.sweep},
+        "seconds": {
+            "warm_up": sum(warm_ups[task.name, seed]["seconds"] for seed in seeds),
+            **{f"{method}_m{m}": sum(runs[task.name, seed, method, m]["seconds"] for seed in seeds) for method, m in found},
+        },
+    }
+
+
+def print_table(results: dict) -> None:
+    """Final-iteration EM / F1 / recall per task and method (mean ± std over seeds), after-warm-up recall beside them."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="DRO learning benchmark: final iteration, mean ± std over seeds")
+    for column in ("task", "seeds", "method", "EM", "F1", "recall", "recall it. 0", "chance"):
+        table.add_column(column, justify="left" if column in ("task", "method") else "right", no_wrap=True)
+    for name, task in results["tasks"].items():
+        rows = [(method, entry) for method, entry in task["methods"].items()]
+        main_m = results["settings"]["num_samples"][name]
+        rows += [(f"dro m={m}", entry) for m, entry in task["num_samples"].items() if int(m) != main_m]
+        for method, entry in rows:
+            cells = [f"{entry[k]:.3f} ± {entry['std'][k]:.3f}" for k in METRICS]
+            table.add_row(name, str(len(task["seeds"])), method, *cells, f"{entry['history'][0]['recall']:.3f}", f"{task['chance_recall']:.3f}")
+        table.add_section()
+    Console(width=160).print(table)
+
+
+def _plot_lines(axis, entries: dict, key: str) -> None:
+    for label, entry in entries.items():
+        x = [line["iteration"] for line in entry["history"] if key in line]
+        y = [line[key] for line in entry["history"] if key in line]
+        std = [line[f"{key}_std"] for line in entry["history"] if key in line]
+        if not x:
+            continue
+        axis.plot(x, y, marker="o", label=label)
+        axis.fill_between(x, [a - b for a, b in zip(y, std)], [a + b for a, b in zip(y, std)], alpha=0.15)
+    axis.set_xlabel("EM iteration")
+    axis.set_ylabel(key)
+    axis.grid(alpha=0.3)
+
+
+def plot(results: dict, out: Path) -> list[Path]:
+    """PNG files named after their content; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+
+    for name, task in results["tasks"].items():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for axis, key in zip(axes, ("f1", "recall")):
+            _plot_lines(axis, task["methods"], key)
+            axis.set_title(f"{name}: validation {key} by method")
+        axes[0].legend(fontsize=8)
+        save(fig, f"{name}_f1_recall_by_method.png")
+
+        sampled = {m: e for m, e in task["methods"].items() if any("ess" in line for line in e["history"])}
+        if sampled:
+            fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+            for axis, key in zip(axes, ("ess", "weight_entropy")):
+                _plot_lines(axis, sampled, key)
+                axis.set_title(f"{name}: E-step {key.replace('_', ' ')} (m={results['settings']['num_samples'].get(name)})")
+            axes[0].legend(fontsize=8)
+            save(fig, f"{name}_ess_weight_entropy.png")
+
+        if task["num_samples"]:
+            fig, axis = plt.subplots(figsize=(5.5, 4))
+            _plot_lines(axis, {f"m={m}": e for m, e in task["num_samples"].items()}, "f1")
+            axis.set_title(f"{name}: dro validation F1 by samples per question m")
+            axis.legend(fontsize=8)
+            save(fig, f"{name}_f1_by_num_samples.png")
+    return written
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/learning"), help="output folder (created)")
+    parser.add_argument("--quick", action="store_true", help="one task, one seed, 3 iterations: a few minutes")
+    parser.add_argument("--tasks", nargs="*", help="run only these tasks (default: all of the mode)")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="methods to compare")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per task (default: the task's, 1 to 3)")
+    parser.add_argument("--workers", type=int, default=2, help="parallel processes, one CPU thread each")
+    args = parser.parse_args(argv)
+
+    available = tasks(args.quick)
+    selected = [available[name] for name in (args.tasks or available)]
+    task_seeds = {task.name: list(range(args.seeds or task.seeds)) for task in selected}
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runs = {}  # (task, seed, method, m) -> result
+    warm_ups = {}  # (task, seed) -> result
+    with tempfile.TemporaryDirectory(prefix="dro-learning-") as workdir, ProcessPoolExecutor(args.workers) as pool:
+        root = Path(workdir)
+        pending = {
+            pool.submit(warm_up, task, seed, root / f"{task.name}-{seed}" / "warm-up"): (task, seed)
+            for task in selected
+            for seed in task_seeds[task.name]
+        }
+        jobs = {}
+        for done in as_completed(pending):
+            task, seed = pending[done]
+            warm_ups[task.name, seed] = done.result()
+            folder = root / f"{task.name}-{seed}"
+            main_m = task.sections["dro"]["num_samples"]
+            variants = [(method, main_m) for method in args.methods]
+            variants += [("dro", m) for m in task.sweep if m != main_m]
+            for method, m in variants:
+                job = pool.submit(run_method, task, seed, method, m, folder / "warm-up", folder / f"{method}-m{m}")
+                jobs[job] = (task.name, seed, method, m)
+        for done in as_completed(jobs):
+            runs[jobs[done]] = done.result()
+            name, seed, method, m = jobs[done]
+            print(f"{time.perf_counter() - started:6.0f}s  {name} seed {seed}: {method} m={m} done", file=sys.stderr, flush=True)
+    results = {
+        "settings": {
+            "quick": args.quick,
+            "seeds": task_seeds,
+            "methods": args.methods,
+            "num_samples": {task.name: task.sections["dro"]["num_samples"] for task in selected},
+            "iterations": {task.name: task.sections["dro"]["iterations"] for task in selected},
+            "train_size": {task.name: task.train_size for task in selected},
+            "validation_size": {task.name: task.validation_size for task in selected},
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        "tasks": {task.name: summarize(task, task_seeds[task.name], warm_ups, runs) for task in selected},
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out)
+    print_table(results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
