@@ -42,11 +42,10 @@ import torch  # noqa: E402
 from dro_plugins.config import RunConfig  # noqa: E402
 from dro_plugins.data import Example, load_examples  # noqa: E402
 from dro_plugins.evaluation import batches, evaluate  # noqa: E402
-from dro_plugins.metrics import passage_has_answer  # noqa: E402
 from dro_plugins.objective import generator_loss  # noqa: E402
 from dro_plugins.run import build_models  # noqa: E402
 from dro_plugins.synthetic import make_dataset, make_entity_dataset  # noqa: E402
-from dro_plugins.trainer import DROTrainer  # noqa: E402
+from dro_plugins.trainer import DROTrainer, positive_candidates  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 METHODS = ("dro", "no_selector_training", "no_generator_training", "unweighted", "sft_first_k")
@@ -104,13 +103,13 @@ def tasks(quick: bool) -> dict[str, Task]:
     """The tasks of a full or quick run, by name."""
     if quick:
         return {"synthetic_8": Task("synthetic_8", partial(synthetic_questions, num_candidates=8), 8, 2, 256, 100, _synthetic_sections(3, 16, 70), seeds=1)}
-    # 20 candidates get fewer iterations: even supervised training needs more steps than this budget allows (README)
     real = {
         "selector": {"max_passage_words": 16},
         "generator": {"max_passage_words": 32, "max_new_tokens": 8},
         "warmup": {"generator_steps": 40, "selector_steps": 20, "learning_rate": 3e-3, "batch_size": 16},
         "dro": {"iterations": 3, "num_samples": 4, "learning_rate": 3e-3, "batch_size": 16},
     }
+    # 20 candidates get fewer iterations: even supervised training needs more steps than this budget allows (README)
     listed = [
         Task("synthetic_8", partial(synthetic_questions, num_candidates=8), 8, 2, 256, 200, _synthetic_sections(6, 16, 70), sweep=(1, 2, 4, 8, 16)),
         Task("synthetic_20", partial(synthetic_questions, num_candidates=20), 20, 2, 256, 200, _synthetic_sections(3, 16, 70)),
@@ -126,7 +125,7 @@ def chance_recall(examples: Sequence[Example], top_k: int) -> float:
     total = 0.0
     for example in examples:
         n = len(example.candidates)
-        h = sum(passage_has_answer(p, example.answers) for p in example.candidates)
+        h = len(positive_candidates(example))
         total += 1 - math.comb(n - h, top_k) / math.comb(n, top_k)
     return total / len(examples)
 
