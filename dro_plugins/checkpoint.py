@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 
@@ -41,13 +40,17 @@ class LoopState:
     nan_batches: int = 0
 
 
-def save_checkpoint(folder: Path, state: LoopState, models: dict, optimizers: dict) -> None:
-    """Write adapters, optimizer and RNG states and the loop state atomically to ``folder``."""
+def save_checkpoint(folder: Path, state: LoopState, units: dict, optimizers: dict) -> None:
+    """Write adapters, optimizer and RNG states and the loop state atomically to ``folder``.
+
+    Args:
+        units: role -> :class:`dro_plugins.units.AdapterUnit`.
+    """
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for role, model in models.items():
-        model.save_pretrained(staging / role)
+    for role, unit in units.items():
+        unit.save(staging / role)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -61,11 +64,15 @@ def save_checkpoint(folder: Path, state: LoopState, models: dict, optimizers: di
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, models: dict, optimizers: dict) -> LoopState:
-    """Restore adapters, optimizers and RNG from ``folder`` into the given objects; return the loop state."""
-    for role, model in models.items():
-        set_peft_model_state_dict(model, load_file(folder / role / "adapter_model.safetensors"))
-    saved = torch.load(folder / "optimizers.pt", weights_only=True)
+def load_checkpoint(folder: Path, units: dict, optimizers: dict) -> LoopState:
+    """Restore adapters, optimizers and RNG from ``folder`` into the given objects; return the loop state.
+
+    A checkpoint written on another device (CUDA or CPU) loads: tensors are read on the CPU and copied to where the
+    adapters and optimizer states live.
+    """
+    for role, unit in units.items():
+        unit.load_state_dict(load_file(folder / role / "adapter_model.safetensors"))
+    saved = torch.load(folder / "optimizers.pt", weights_only=True, map_location="cpu")
     for key, optimizer in optimizers.items():
         optimizer.load_state_dict(saved["optimizers"][key])
     torch.set_rng_state(saved["rng"]["torch"])

@@ -64,6 +64,12 @@ class ModelConfig(_Section):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape when `model` is a tiny model.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
     max_passage_words: int = Field(100, ge=1, description="Each passage is cut to this many words in the prompt.")
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Recompute activations in the backward pass instead of keeping them (less memory, ~1/3 more "
+        "compute). Unset: on for CUDA, off on CPU. When selector and generator share one base model, it is on for "
+        "both if either asks for it.",
+    )
 
 
 class SelectorConfig(ModelConfig):
@@ -152,6 +158,14 @@ class DROConfig(_Section):
     train_generator: bool = Field(True, description="Update the generator in the M-step (Eq. 11).")
     weighting: Literal["importance", "uniform"] = Field(
         "importance", description="'importance' (Eq. 7) or 'uniform' (every sample weight 1/m, an ablation)."
+    )
+    max_tokens_per_microbatch: int | None = Field(
+        16384,
+        ge=1,
+        description="Padded tokens per forward pass (rows x longest row). A step's batch_size questions are split "
+        "into micro-batches of at most this size and gradients accumulate, so the update is the same as unsplit; "
+        "the warm-up, E-step and validation use the same bound. Lower it when a GPU runs out of memory; null = "
+        "no limit. A question larger than the budget runs alone, with a warning.",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm per model.")
     max_nan_batches: int = Field(10, ge=1, description="Abort after this many consecutive batches with NaN loss.")

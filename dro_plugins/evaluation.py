@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+from dro_plugins.batching import run_in_microbatches
 from dro_plugins.data import Example
 from dro_plugins.generator import LMGenerator
 from dro_plugins.metrics import exact_match, f1_score, selection_recall
@@ -21,11 +22,14 @@ def evaluate(
     examples: Sequence[Example],
     batch_size: int,
     track: Callable[[Iterable, str, int], Iterable] = lambda it, _desc, _total: it,
+    max_tokens: int | None = None,
 ) -> dict:
     """Select greedily, answer greedily, and score.
 
     Args:
+        batch_size: questions per progress step.
         track: wraps the batch loop for progress display: ``track(iterable, description, total)``.
+        max_tokens: padded tokens per forward pass (``dro.max_tokens_per_microbatch``); None = no limit.
 
     Returns:
         ``{"em", "f1", "recall", "predictions"}``: means over questions in [0, 1], and per-question
@@ -35,8 +39,14 @@ def evaluate(
     predictions = []
     chunks = batches(examples, batch_size)
     for batch in track(chunks, "evaluate", len(chunks)):
-        selected = selector.select(batch)
-        answers = generator.generate(batch, selected)
+        selected = run_in_microbatches(
+            [selector.shape(ex, 1) for ex in batch], max_tokens, lambda micro: selector.select([batch[i] for i in micro])
+        )
+        answers = run_in_microbatches(
+            [generator.shape(ex, [picks]) for ex, picks in zip(batch, selected)],
+            max_tokens,
+            lambda micro: generator.generate([batch[i] for i in micro], [selected[i] for i in micro]),
+        )
         for example, picks, answer in zip(batch, selected, answers):
             em += exact_match(answer, example.answers)
             f1 += f1_score(answer, example.answers)

@@ -6,9 +6,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from dro_plugins.batching import Shape
 from dro_plugins.data import Example, Passage
 from dro_plugins.lm import greedy_generate, tail_logits
 from dro_plugins.prompts import generator_prompt, render
+from dro_plugins.units import AdapterUnit
 
 
 # (question, passages in selection order) -> the text the generator reads, up to where its answer starts
@@ -31,6 +33,8 @@ class LMGenerator:
         length_normalize: divide log-likelihoods by the answer length in tokens.
         prompt: renders the prompt text from the question and passages; None for the built-in one
             (which cuts passages to ``max_passage_words``).
+        unit: the generator's adapter on ``model`` (needed when the model is shared with the selector); by
+            default the model's active adapter.
     """
 
     def __init__(
@@ -41,8 +45,12 @@ class LMGenerator:
         max_new_tokens: int = 32,
         length_normalize: bool = False,
         prompt: PromptRenderer | None = None,
+        unit: AdapterUnit | None = None,
     ):
         self.model = model
+        if unit is None and hasattr(model, "peft_config"):
+            unit = AdapterUnit(model, model.active_adapter)
+        self.unit = unit
         self.tokenizer = tokenizer
         self.max_passage_words = max_passage_words
         self.max_new_tokens = max_new_tokens
@@ -52,6 +60,21 @@ class LMGenerator:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def activate(self) -> None:
+        """Switch a shared base model to the generator's adapter (a no-op otherwise)."""
+        if self.unit is not None:
+            self.unit.activate()
+
+    def shape(self, example: Example, permutations: Sequence[Sequence[int]]) -> Shape:
+        """Tokens one question needs when scored with these permutations: one row per distinct permutation.
+
+        The length is measured on the first permutation (others order the same passages, so their prompts differ
+        by a few tokens at most); it sizes micro-batches, it does not change any result.
+        """
+        distinct = {tuple(p) for p in permutations}
+        length = len(self.prompt_ids(example, permutations[0])) + len(self.answer_ids(example.target))
+        return Shape(len(distinct), length)
 
     def prompt_ids(self, example: Example, permutation: Sequence[int]) -> list[int]:
         """Token ids of the generator prompt for one question and one permutation."""
@@ -70,8 +93,10 @@ class LMGenerator:
             permutations: ``[B, m, k]`` long, 0-based candidate indices.
 
         Returns:
-            ``[B, m]`` float32 log-likelihoods (nats), divided by the answer length when length-normalised.
+            ``[B, m]`` float32 log-likelihoods (nats) on the model's device, divided by the answer length when
+            length-normalised.
         """
+        self.activate()
         batch_size, num_samples, _ = permutations.shape
         # identical permutations of one question share one forward pass (a peaked selector repeats itself)
         rows: dict[tuple, int] = {}
@@ -107,5 +132,6 @@ class LMGenerator:
             batch: B questions.
             permutations: B permutations (0-based candidate indices).
         """
+        self.activate()
         prompts = [self.prompt_ids(ex, perm) for ex, perm in zip(batch, permutations)]
         return greedy_generate(self.model, self.tokenizer, prompts, self.max_new_tokens)

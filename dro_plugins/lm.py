@@ -1,17 +1,20 @@
-"""Causal-LM plumbing shared by the selector and the generator: left padding, tail logits, shared prompts.
+"""Causal-LM plumbing shared by the selector and the generator: left padding, tail logits, greedy decoding.
 
 Sequences are left-padded so that every row's continuation (selection or answer) ends at the last
 position; the LM head then runs only on the last few positions (``logits_to_keep``), which keeps the
-vocabulary projection cheap for long prompts and large vocabularies. When m continuations share one
-prompt (the selector's m samples), the prompt runs once and its key/value cache is repeated m times.
+vocabulary projection cheap for long prompts and large vocabularies. Every score goes through the model's
+own ``forward``, which peft, DDP and FSDP wrap. Shared prompts are packed by :mod:`dro_plugins.packing`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the base weights compute in (adapters may be float32 on a bfloat16 base)."""
+    return next(p.dtype for n, p in model.named_parameters() if "lora_" not in n and p.is_floating_point())
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device):
@@ -67,93 +70,3 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_
     )
     model.train(was_training)
     return [text.strip() for text in tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)]
-
-
-@dataclass
-class SharedPrompt:
-    """The state after running B prompts once, repeated for ``m`` continuations each (rows ``b * m + i``).
-
-    Attributes:
-        hidden: ``[B * m, H]`` final hidden state after each prompt (differentiable when grads are on).
-        cache: the key/value cache, batch ``B * m``.
-        attention_mask: ``[B * m, T]`` mask of the prompt tokens.
-        next_position: ``[B * m, 1]`` position id of the first continuation token.
-    """
-
-    hidden: torch.Tensor
-    cache: object
-    attention_mask: torch.Tensor
-    next_position: torch.Tensor
-
-
-def run_shared_prompt(model, prompts: Sequence[Sequence[int]], m: int, pad_id: int, device: torch.device) -> SharedPrompt:
-    """Run each of B prompts once through the decoder body (no LM head) and repeat the result m times."""
-    ids, mask, positions = left_pad(prompts, pad_id, device)
-    out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    out.past_key_values.batch_repeat_interleave(m)
-    return SharedPrompt(
-        hidden=out.last_hidden_state[:, -1].repeat_interleave(m, 0),
-        cache=out.past_key_values,
-        attention_mask=mask.repeat_interleave(m, 0),
-        next_position=positions[:, -1:].repeat_interleave(m, 0) + 1,
-    )
-
-
-def extend(model, shared: SharedPrompt, tokens: torch.Tensor, use_cache: bool = True) -> tuple[torch.Tensor, SharedPrompt]:
-    """Feed ``tokens`` ``[B * m, L]`` after the shared prompts (and anything fed before).
-
-    Returns:
-        the final hidden states ``[B * m, L, H]``, and the state after the new tokens (its cache is only
-        usable when ``use_cache``).
-    """
-    device = shared.attention_mask.device
-    mask = torch.cat([shared.attention_mask, torch.ones_like(tokens, device=device)], dim=1)
-    positions = shared.next_position + torch.arange(tokens.shape[1], device=device)
-    out = model.get_decoder()(
-        input_ids=tokens.to(device), attention_mask=mask, position_ids=positions, past_key_values=shared.cache, use_cache=use_cache
-    )
-    hidden = out.last_hidden_state
-    return hidden, SharedPrompt(hidden[:, -1], out.past_key_values, mask, positions[:, -1:] + 1)
-
-
-def continuation_hidden(model, shared: SharedPrompt, continuations: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """Hidden states that predict each continuation token, given its shared prompt (teacher forcing).
-
-    Args:
-        shared: from :func:`run_shared_prompt`, one row per continuation.
-        continuations: ``B * m`` token lists (right-padded here; padding sits after the real tokens, so
-            causal attention keeps it from affecting them).
-
-    Returns:
-        ``[B * m, L, H]`` where index ``o`` predicts continuation token ``o`` (L = longest continuation).
-    """
-    longest = max(len(c) for c in continuations)
-    if longest <= 1:
-        return shared.hidden[:, None]
-    ids = torch.full((len(continuations), longest - 1), pad_id, dtype=torch.long)
-    for row, tokens in enumerate(continuations):
-        ids[row, : len(tokens) - 1] = torch.tensor(tokens[:-1], dtype=torch.long)
-    hidden, _ = extend(model, shared, ids, use_cache=False)
-    return torch.cat([shared.hidden[:, None], hidden], dim=1)
-
-
-def token_logits(model, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of a few tokens only: ``hidden · W[token_ids] (+ bias)`` with the LM head's weights.
-
-    Projecting on the handful of allowed label tokens instead of the whole vocabulary makes constrained
-    scoring cheap. It equals the model's own logits for linear LM heads (Llama, Qwen2, Mistral, ...); models
-    that rescale or soft-cap logits (Gemma 2, Cohere) get unscaled scores, consistently in sampling and scoring.
-
-    Args:
-        hidden: ``[..., H]`` final hidden states.
-        token_ids: ``[..., W]`` token ids to score at each position.
-
-    Returns:
-        float32 ``[..., W]``.
-    """
-    head = model.get_output_embeddings()
-    weight = head.weight[token_ids.to(hidden.device)]  # [..., W, H]
-    scores = (weight @ hidden.unsqueeze(-1)).squeeze(-1)
-    if getattr(head, "bias", None) is not None:
-        scores = scores + head.bias[token_ids.to(hidden.device)]
-    return scores.float()

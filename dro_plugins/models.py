@@ -1,4 +1,8 @@
-"""Loading causal LMs (HF id, local folder or built-in tiny model) and attaching LoRA adapters with peft."""
+"""Loading causal LMs (HF id, local folder or built-in tiny model) and attaching LoRA adapters with peft.
+
+Models load directly in the compute dtype on their device (the dtype policy is in :mod:`dro_plugins.runtime`).
+Adapters are named after their role ("selector", "generator"), so one base model can carry both.
+"""
 
 from __future__ import annotations
 
@@ -18,26 +22,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 from dro_plugins.config import TINY_MODELS, LoraConfig, ModelConfig, TinyModelConfig
 from dro_plugins.errors import ModelLoadError
 
+# Attention implementations that take the custom 4-D masks of shared-prefix packing (dro_plugins.packing).
+PACKING_ATTENTION = ("sdpa", "eager")
+
 # A minimal chat template so that tiny models exercise the same chat-template path as real instruct models.
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }} [SEP] {% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
-
-
-def resolve_device(name: str) -> tuple[torch.device, torch.dtype]:
-    """Map the config's ``device`` to a torch device and compute dtype.
-
-    ``auto`` picks CUDA with bfloat16 when a GPU is present (float32 if the GPU lacks bf16), else CPU float32.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelLoadError(f"device: '{name}' asked for but no CUDA GPU is visible; use device: auto or cpu")
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return device, torch.float32
 
 
 # Tiny models keep the first TINY_VOCAB_SIZE entries of the WordPiece vocabulary (roughly the most frequent)
@@ -124,21 +116,27 @@ def write_tiny_model(folder: str | Path, kind: str = "tiny-llama", shape: TinyMo
     return folder
 
 
-def load_pretrained(name: str, trust_remote_code: bool, field: str):
+def load_pretrained(name: str, trust_remote_code: bool, field: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """Load a causal LM and its tokenizer from a HF id or local folder (safetensors only).
+
+    The weights are read directly in ``dtype`` onto ``device`` (no float32 copy on the way). The attention
+    implementation must take custom 4-D masks; a flash-attention model is switched to sdpa.
 
     Args:
         name: model id or folder.
         trust_remote_code: passed through; off unless the config turns it on.
         field: the config field, for error messages (e.g. ``selector.model``).
+        device: where the weights go.
+        dtype: the compute dtype of the weights.
 
     Raises:
-        ModelLoadError: the model cannot be found or loaded; the message says what to do.
+        ModelLoadError: the model cannot be found or loaded, or its attention cannot take packed masks; the message
+            says what to do.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            name, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
+            name, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype, device_map=torch.device(device)
         )
     except (OSError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
@@ -150,25 +148,49 @@ def load_pretrained(name: str, trust_remote_code: bool, field: str):
         ) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    use_packing_attention(model, field)
     return model, tokenizer
 
 
-def load_base_model(config: ModelConfig, field: str, tiny_folder: Path, seed: int):
-    """The frozen base model and tokenizer for a selector or generator config.
+def use_packing_attention(model: PreTrainedModel, field: str) -> None:
+    """Make sure the model's attention takes custom 4-D masks (sdpa or eager); flash attention is switched to sdpa.
+
+    Flash-attention kernels take no arbitrary mask, and the selector's packed rows need one.
+
+    Raises:
+        ModelLoadError: the model's attention can be neither sdpa nor eager.
+    """
+    current = model.config._attn_implementation
+    if current in PACKING_ATTENTION:
+        return
+    try:
+        model.set_attn_implementation("sdpa")
+    except (ValueError, ImportError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"{field}: the model uses '{current}' attention, which takes no custom attention mask, and cannot switch to "
+            f"sdpa ({exc}); DRO's shared-prefix packing needs sdpa or eager attention: pick a model whose code supports one"
+        ) from exc
+
+
+def load_base_model(config: ModelConfig, field: str, tiny_folder: Path, seed: int, device: torch.device, dtype: torch.dtype):
+    """The frozen base model and tokenizer for a selector or generator config, in ``dtype`` on ``device``.
 
     A tiny model is written to ``tiny_folder`` on first use and read back from there afterwards, so a run
     folder holds everything needed to reload it.
+
+    Raises:
+        ModelLoadError: as :func:`load_pretrained`.
     """
     if config.model in TINY_MODELS:
         if not (tiny_folder / "config.json").is_file():
             write_tiny_model(tiny_folder, config.model, config.tiny, seed)
-        return load_pretrained(str(tiny_folder), False, field)
-    return load_pretrained(config.model, config.trust_remote_code, field)
+        return load_pretrained(str(tiny_folder), False, field, device, dtype)
+    return load_pretrained(config.model, config.trust_remote_code, field, device, dtype)
 
 
-def add_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
-    """Wrap ``model`` with fresh LoRA adapters; only the adapter weights are trainable."""
-    peft_config = PeftLoraConfig(
+def lora_settings(lora: LoraConfig) -> PeftLoraConfig:
+    """The config's LoRA section as a ``peft.LoraConfig``."""
+    return PeftLoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -176,9 +198,34 @@ def add_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
         modules_to_save=lora.modules_to_save,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
 
 
-def load_lora(model: PreTrainedModel, adapter_dir: Path, trainable: bool = False) -> PeftModel:
-    """Attach saved LoRA adapters (``adapter_model.safetensors``) to ``model``."""
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+def add_lora(model: PreTrainedModel | PeftModel, lora: LoraConfig, name: str = "default", field: str = "lora") -> PeftModel:
+    """Give ``model`` a fresh LoRA adapter called ``name`` (a second one when it already is a ``PeftModel``).
+
+    Only adapter weights are trainable; adapters are float32 on any base dtype (peft's ``autocast_adapter_dtype``).
+
+    Raises:
+        ModelLoadError: the LoRA settings match no module of the model.
+    """
+    try:
+        if isinstance(model, PeftModel):
+            model.add_adapter(name, lora_settings(lora))
+            return model
+        return get_peft_model(model, lora_settings(lora), adapter_name=name)
+    except ValueError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ModelLoadError(f"{field}: LoRA settings do not fit the model ({reason}); fix target_modules/modules_to_save") from exc
+
+
+def load_lora(model: PreTrainedModel | PeftModel, adapter_dir: Path, name: str = "default", trainable: bool = False) -> PeftModel:
+    """Attach a saved LoRA adapter folder (``adapter_model.safetensors``) to ``model`` under ``name``."""
+    if isinstance(model, PeftModel):
+        model.load_adapter(adapter_dir, adapter_name=name, is_trainable=trainable)
+        return model
+    return PeftModel.from_pretrained(model, adapter_dir, adapter_name=name, is_trainable=trainable)
+
+
+def enable_gradient_checkpointing(model: PeftModel) -> None:
+    """Recompute each transformer block in the backward pass (non-reentrant, so frozen inputs need no grad)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

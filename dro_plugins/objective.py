@@ -32,34 +32,37 @@ def uniform_weights(log_likelihoods: torch.Tensor) -> torch.Tensor:
 
 
 def selector_loss(weights: torch.Tensor, selector_log_probs: torch.Tensor) -> torch.Tensor:
-    """M-step selector loss ``L_S = -sum_i w_i log p_S(z_i | x)`` (Eq. 10), averaged over questions.
+    """M-step selector loss ``L_S = -sum_i w_i log p_S(z_i | x)`` (Eq. 10), one per question.
 
     This is a cross-entropy towards the weighted sample distribution, so it is bounded below and safe to
     minimise for several steps on cached samples. (A policy-gradient baseline, ``w_i - 1/m``, keeps the
     expected gradient but makes the loss unbounded on a fixed sample set: the M-step then pushes every
     sampled permutation down at once, and the selector collapsed onto unsampled positions in our runs.)
 
+    Losses stay per question so that the trainer can divide their sum by the optimizer step's question count:
+    the update then does not depend on how the step was split into micro-batches (or processes).
+
     Args:
-        weights: ``[B, m]`` importance weights (treated as constants).
+        weights: ``[B, m]`` importance weights (treated as constants; moved to the log-probs' device).
         selector_log_probs: ``[B, m]`` differentiable log p_S(z_i | x).
 
     Returns:
-        scalar loss.
+        ``[B]`` losses.
     """
-    return -(weights.detach() * selector_log_probs).sum(-1).mean()
+    return -(weights.detach().to(selector_log_probs.device) * selector_log_probs).sum(-1)
 
 
 def generator_loss(weights: torch.Tensor, generator_log_likelihoods: torch.Tensor) -> torch.Tensor:
-    """M-step generator loss ``L_G = -sum_i w_i log p_G(y | x, d_{z_i})`` (Eq. 11), averaged over questions.
+    """M-step generator loss ``L_G = -sum_i w_i log p_G(y | x, d_{z_i})`` (Eq. 11), one per question.
 
     Args:
-        weights: ``[B, m]`` importance weights (treated as constants).
+        weights: ``[B, m]`` importance weights (treated as constants; moved to the log-likelihoods' device).
         generator_log_likelihoods: ``[B, m]`` differentiable log p_G(y | x, d_{z_i}).
 
     Returns:
-        scalar loss.
+        ``[B]`` losses.
     """
-    return -(weights.detach() * generator_log_likelihoods).sum(-1).mean()
+    return -(weights.detach().to(generator_log_likelihoods.device) * generator_log_likelihoods).sum(-1)
 
 
 def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,11 @@ class PermutationGrammar:
                 if i != j and b[: len(a)] == a:
                     raise ValueError(f"tokenizer makes label [{i + 1}] a prefix of [{j + 1}]; cannot decode")
 
+    @property
+    def max_length(self) -> int:
+        """Tokens of the longest permutation: k of the longest labels and k - 1 separators."""
+        return self.top_k * max(len(label) for label in self.labels) + (self.top_k - 1) * len(self.separator)
+
     def encode(self, permutation: Sequence[int]) -> list[int]:
         """Output token ids of a permutation (0-based candidate indices)."""
         tokens: list[int] = []

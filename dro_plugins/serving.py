@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dro_plugins.data import Example, Passage
-from dro_plugins.models import load_pretrained, resolve_device
+from dro_plugins.models import load_pretrained
 from dro_plugins.permutation import parse_permutation
 from dro_plugins.run import RunPaths, load_trained_selector
+from dro_plugins.runtime import resolve_device
 from dro_plugins.selector import LMSelector
 
 DEFAULT_PASSAGE_WORDS = 100
@@ -37,9 +38,8 @@ def load_selector(model: str, top_k: int, device: str | None = None, max_passage
         if max_passage_words is not None:
             selector.max_passage_words = max_passage_words
         return selector
-    lm, tokenizer = load_pretrained(model, trust_remote_code=False, field="model")
     torch_device, dtype = resolve_device(device or "auto")
-    lm.to(device=torch_device, dtype=dtype)
+    lm, tokenizer = load_pretrained(model, trust_remote_code=False, field="model", device=torch_device, dtype=dtype)
     return LMSelector(lm, tokenizer, top_k=top_k, max_passage_words=max_passage_words or DEFAULT_PASSAGE_WORDS)
 
 

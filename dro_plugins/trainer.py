@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dro_plugins.batching import Shape, oversized, plan_microbatches, run_in_microbatches
 from dro_plugins.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from dro_plugins.config import RunConfig, dump_config
 from dro_plugins.data import Example
@@ -34,7 +35,8 @@ from dro_plugins.objective import (
     weight_entropy,
 )
 from dro_plugins.run import RunPaths
-from dro_plugins.selector import LMSelector
+from dro_plugins.runtime import is_out_of_memory
+from dro_plugins.selector import LMSelector, question_seed
 
 Track = Callable[[Iterable, str, int], Iterable]
 
@@ -52,8 +54,9 @@ def _rng(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash(parts) % (2**63))  # int tuples hash the same in every process
 
 
-def _adamw(model, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+def _adamw(unit, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over one adapter's parameters (by adapter name: with a shared base, never the other role's)."""
+    return torch.optim.AdamW(unit.parameters(), lr=lr, weight_decay=weight_decay)
 
 
 def positive_candidates(example: Example) -> list[int]:
@@ -107,10 +110,12 @@ class DROTrainer:
         self.log = log
         self.stop_requested = False
         lr, wd = config.dro.learning_rate, config.dro.weight_decay
-        self.models = {"selector": selector.model, "generator": generator.model}
-        self.optimizers = {role: _adamw(model, lr, wd) for role, model in self.models.items()}
+        self.units = {"selector": selector.unit, "generator": generator.unit}
+        self.optimizers = {role: _adamw(unit, lr, wd) for role, unit in self.units.items()}
         self.consecutive_nan = 0
         self.losses: dict[str, list[float]] = {}
+        self.phase = "start"
+        self.warned_oversized: set[str] = set()
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -121,6 +126,18 @@ class DROTrainer:
             Interrupted: Ctrl-C; a checkpoint was saved and ``dro optimize`` resumes from it.
             TrainingError: losses stayed NaN.
         """
+        try:
+            return self._fit()
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise TrainingError(
+                f"out of GPU memory in the {self.phase}; lower dro.max_tokens_per_microbatch "
+                f"(now {self.config.dro.max_tokens_per_microbatch}), set selector.gradient_checkpointing and "
+                "generator.gradient_checkpointing to true, or lower data.num_candidates / max_passage_words"
+            ) from None
+
+    def _fit(self) -> dict:
         dro = self.config.dro
         with self._stop_on_sigint():
             state = self._start_or_resume()
@@ -141,7 +158,7 @@ class DROTrainer:
 
     def _start_or_resume(self) -> LoopState:
         if (self.paths.checkpoint / "state.json").is_file():
-            state = load_checkpoint(self.paths.checkpoint, self.models, self.optimizers)
+            state = load_checkpoint(self.paths.checkpoint, self.units, self.optimizers)
             self.log(f"resuming at iteration {state.iteration} ({state.phase})")
             return state
         self.paths.root.mkdir(parents=True, exist_ok=True)
@@ -173,7 +190,8 @@ class DROTrainer:
             self.log("warm-up skipped: no training question has a passage labelled has_answer/is_gold")
             return
         warm = self.config.warmup
-        optimizers = {role: _adamw(model, warm.learning_rate) for role, model in self.models.items()}
+        optimizers = {role: _adamw(unit, warm.learning_rate) for role, unit in self.units.items()}
+        self.phase = "warm-up"
         for offset, (role, steps) in enumerate((("generator", warm.generator_steps), ("selector", warm.selector_steps))):
             rng = random.Random(self.config.seed * 7919 + offset)
             for _ in self.track(range(steps), f"warm-up {role}", steps):
@@ -181,11 +199,9 @@ class DROTrainer:
                 targets = [supervised_permutation(ex, k, rng) for ex in batch]
                 if role == "generator":  # shuffled so the answer's position carries no signal
                     perms = torch.tensor([rng.sample(perm, len(perm)) for perm in targets])[:, None]
-                    loss = generator_loss(torch.ones(len(batch), 1), self.generator.log_likelihood(batch, perms))
                 else:
                     perms = torch.tensor(targets)[:, None]
-                    loss = selector_loss(torch.ones(len(batch), 1), self.selector.log_prob(batch, perms))
-                self._step(role, loss, optimizers[role])
+                self._step(role, batch, perms, torch.ones(len(batch), 1), optimizers[role])
                 if self.stop_requested:
                     raise Interrupted("interrupted during warm-up; nothing saved yet, run again to start over")
 
@@ -194,22 +210,34 @@ class DROTrainer:
     def _e_step(self, iteration: int) -> None:
         """Sample m permutations per question and weight them by the generator (Eq. 7/19); cache to disk."""
         dro = self.config.dro
-        rng = _rng(self.config.seed, iteration)
+        seed = question_seed(self.config.seed, f"e-step {iteration}")  # each question's draws: (seed, iteration, id)
         weigh = importance_weights if dro.weighting == "importance" else uniform_weights
         self.paths.samples.mkdir(parents=True, exist_ok=True)
+        self.phase = f"E-step of iteration {iteration}"
         lines, started = [], time.perf_counter()
         chunks = batches(self.train_set, dro.batch_size)
         for batch in self.track(chunks, f"E-step {iteration}", len(chunks)):
-            samples = self.selector.sample(batch, dro.num_samples, dro.temperature, rng)
+            def sample(micro: list[int]):
+                drawn = self.selector.sample([batch[i] for i in micro], dro.num_samples, dro.temperature, seed)
+                return list(zip(drawn.permutations, drawn.log_probs))
+
+            drawn = self._in_microbatches("selector", batch, [self.selector.shape(ex, dro.num_samples) for ex in batch], sample)
+            permutations = torch.stack([p for p, _ in drawn])
+            log_probs = torch.stack([lp for _, lp in drawn])
             with torch.no_grad():
-                log_likelihoods = self.generator.log_likelihood(batch, samples.permutations).cpu()
+                log_likelihoods = torch.stack(
+                    self._in_microbatches(
+                        "generator", batch, self._shapes("generator", batch, permutations),
+                        lambda micro: self.generator.log_likelihood([batch[i] for i in micro], permutations[micro]).cpu(),
+                    )
+                )
             weights = weigh(log_likelihoods)
             for b, example in enumerate(batch):
                 lines.append(
                     {
                         "id": example.id,
-                        "permutations": samples.permutations[b].tolist(),
-                        "selector_log_probs": samples.log_probs[b].tolist(),
+                        "permutations": permutations[b].tolist(),
+                        "selector_log_probs": log_probs[b].tolist(),
                         "log_likelihoods": log_likelihoods[b].tolist(),
                         "weights": weights[b].tolist(),
                     }
@@ -239,8 +267,9 @@ class DROTrainer:
         permutations, weights, _ = self._load_samples(iteration)
         order = torch.cat([torch.randperm(len(self.train_set), generator=_rng(self.config.seed, iteration, e)) for e in range(dro.m_step_epochs)])
         steps = [order[i : i + dro.batch_size] for i in range(0, len(order), dro.batch_size)]
-        for model in self.models.values():
+        for model in (self.selector.model, self.generator.model):
             model.train()
+        self.phase = f"M-step of iteration {iteration}"
         self.losses = {}
         done = 0
         for index in self.track(steps, f"M-step {iteration}", len(steps)):
@@ -249,41 +278,96 @@ class DROTrainer:
                 continue
             batch = [self.train_set[i] for i in index.tolist()]
             perms, w = permutations[index], weights[index]
-            if dro.train_selector:
-                self._step("selector", selector_loss(w, self.selector.log_prob(batch, perms)), self.optimizers["selector"], state)
-            if dro.train_generator:
-                self._step("generator", generator_loss(w, self.generator.log_likelihood(batch, perms)), self.optimizers["generator"], state)
+            for role in ("selector", "generator"):
+                if getattr(dro, f"train_{role}"):
+                    self._step(role, batch, perms, w, self.optimizers[role], state)
             state.batches_done = done
             if self.stop_requested:
                 self._checkpoint(state)
                 raise Interrupted(f"interrupted in M-step {iteration} after {done}/{len(steps)} batches; checkpoint saved")
 
-    def _step(self, role: str, loss: torch.Tensor, optimizer: torch.optim.Optimizer, state: LoopState | None = None) -> None:
-        """One optimizer step on ``role``; a non-finite loss skips the batch (and aborts if it keeps happening)."""
+    def _step(
+        self,
+        role: str,
+        batch: Sequence[Example],
+        permutations: torch.Tensor,
+        weights: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        state: LoopState | None = None,
+    ) -> None:
+        """One optimizer step of ``role`` on ``batch``: Eq. 10 (selector) or Eq. 11 (generator).
+
+        The batch is split into micro-batches of at most ``dro.max_tokens_per_microbatch`` padded tokens; each
+        backpropagates ``sum(per-question losses) / len(batch)``, so the accumulated gradient equals the unsplit
+        one. A non-finite loss skips the whole step (and aborts if it keeps happening).
+
+        Args:
+            permutations: ``[B, m, k]``; weights: ``[B, m]`` importance weights (ones for the warm-up).
+        """
+        score = self.selector.log_prob if role == "selector" else self.generator.log_likelihood
+        objective = selector_loss if role == "selector" else generator_loss
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            self.consecutive_nan += 1
-            if state is not None:
-                state.nan_batches += 1
-            self.log(f"{role}: non-finite loss, batch skipped ({self.consecutive_nan} in a row)")
-            if self.consecutive_nan >= self.config.dro.max_nan_batches:
-                raise TrainingError(
-                    f"{role} loss was NaN/inf for {self.consecutive_nan} batches in a row; "
-                    "lower dro.learning_rate or check the data (dro.max_nan_batches sets this limit)"
-                )
-            return
+        total = 0.0
+        for micro in self._plan(role, batch, permutations):
+            part = [batch[i] for i in micro]
+            loss = objective(weights[micro], score(part, permutations[micro])).sum() / len(batch)
+            if not torch.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                self._skip_nan(role, state)
+                return
+            loss.backward()
+            total += loss.item()
         self.consecutive_nan = 0
-        loss.backward()
-        params = [p for p in self.models[role].parameters() if p.requires_grad]
-        torch.nn.utils.clip_grad_norm_(params, self.config.dro.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.units[role].parameters(), self.config.dro.max_grad_norm)
         optimizer.step()
-        self.losses.setdefault(role, []).append(loss.item())
+        self.losses.setdefault(role, []).append(total)
+
+    def _skip_nan(self, role: str, state: LoopState | None) -> None:
+        self.consecutive_nan += 1
+        if state is not None:
+            state.nan_batches += 1
+        self.log(f"{role}: non-finite loss, batch skipped ({self.consecutive_nan} in a row)")
+        if self.consecutive_nan >= self.config.dro.max_nan_batches:
+            raise TrainingError(
+                f"{role} loss was NaN/inf for {self.consecutive_nan} batches in a row; "
+                "lower dro.learning_rate or check the data (dro.max_nan_batches sets this limit)"
+            )
+
+    def _shapes(self, role: str, batch: Sequence[Example], permutations: torch.Tensor) -> list[Shape]:
+        if role == "selector":
+            return [self.selector.shape(ex, permutations.shape[1], permutations.shape[2]) for ex in batch]
+        return [self.generator.shape(ex, p.tolist()) for ex, p in zip(batch, permutations)]
+
+    def _plan(self, role: str, batch: Sequence[Example], permutations: torch.Tensor) -> list[list[int]]:
+        shapes = self._shapes(role, batch, permutations)
+        self._warn_oversized(role, batch, shapes)
+        return plan_microbatches(shapes, self.config.dro.max_tokens_per_microbatch)
+
+    def _in_microbatches(self, role: str, batch: Sequence[Example], shapes: list[Shape], run) -> list:
+        """``run(indices)`` per micro-batch of ``batch``; the per-question results in batch order."""
+        self._warn_oversized(role, batch, shapes)
+        return run_in_microbatches(shapes, self.config.dro.max_tokens_per_microbatch, run)
+
+    def _warn_oversized(self, role: str, batch: Sequence[Example], shapes: list[Shape]) -> None:
+        budget = self.config.dro.max_tokens_per_microbatch
+        for i in oversized(shapes, budget):
+            key = f"{role}:{batch[i].id}"
+            if key not in self.warned_oversized:
+                self.warned_oversized.add(key)
+                self.log(
+                    f"warning: question '{batch[i].id}' needs {shapes[i].tokens} tokens in the {role}, more than "
+                    f"dro.max_tokens_per_microbatch ({budget}); it runs alone (raise the budget if memory allows)"
+                )
 
     # ---- validation, records, report ------------------------------------------------------------
 
     def _validate(self) -> dict:
         started = time.perf_counter()
-        result = evaluate(self.selector, self.generator, self.validation, self.config.eval_batch_size, self.track)
+        self.phase = "validation"
+        result = evaluate(
+            self.selector, self.generator, self.validation, self.config.eval_batch_size, self.track,
+            self.config.dro.max_tokens_per_microbatch,
+        )
         result["seconds"] = time.perf_counter() - started
         return result
 
@@ -306,8 +390,8 @@ class DROTrainer:
             return
         if line["f1"] > state.best_f1:
             state.best_f1, state.best_iteration, state.stale_iterations = line["f1"], iteration, 0
-            for role, model in self.models.items():
-                model.save_pretrained(self.paths.adapter(role))
+            for role, unit in self.units.items():
+                unit.save(self.paths.adapter(role))
         else:
             state.stale_iterations += 1
 
@@ -330,7 +414,7 @@ class DROTrainer:
         }
 
     def _checkpoint(self, state: LoopState) -> None:
-        save_checkpoint(self.paths.checkpoint, state, self.models, self.optimizers)
+        save_checkpoint(self.paths.checkpoint, state, self.units, self.optimizers)
 
     def _write_report(self, state: LoopState) -> dict:
         dro_lines = [line for line in state.history if line["stage"] == "dro"]

@@ -61,8 +61,8 @@ def test_interrupt_and_resume_give_the_same_result(write_config, tmp_path, monke
     real_step = DROTrainer._step
     calls = {"n": 0}
 
-    def step_then_interrupt(self, role, loss, optimizer, state=None):
-        real_step(self, role, loss, optimizer, state)
+    def step_then_interrupt(self, role, batch, permutations, weights, optimizer, state=None):
+        real_step(self, role, batch, permutations, weights, optimizer, state)
         if state is not None:  # an M-step update, not warm-up
             calls["n"] += 1
             if calls["n"] == 3:

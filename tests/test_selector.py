@@ -93,7 +93,7 @@ def test_m_step_gradient_matches_exact_em_gradient(tiny_lm, tokenizer):
     merged = torch.zeros(len(perms)).index_add_(0, torch.tensor([index[tuple(p)] for p in draws.permutations[0].tolist()]), weights[0])
     selector.model.zero_grad()
     lp = selector.log_prob([example], torch.tensor(perms)[None])
-    selector_loss(merged[None], lp).backward()
+    selector_loss(merged[None], lp).sum().backward()
     estimate = _flat_grad(selector.model)
 
     relative_error = ((estimate - exact).norm() / exact.norm()).item()
@@ -111,7 +111,7 @@ def test_uniform_selector_gradient_matches_issue_formula():
     generator = torch.Generator().manual_seed(0)
     samples = torch.multinomial(theta.detach().softmax(0), 20000, replacement=True, generator=generator)
     weights = importance_weights(p_g.log()[samples][None])
-    loss = selector_loss(weights, theta.log_softmax(0)[samples][None])
+    loss = selector_loss(weights, theta.log_softmax(0)[samples][None]).sum()
     (grad,) = torch.autograd.grad(-loss, theta)
     assert torch.allclose(grad, exact, atol=0.02)
     assert math.isclose(exact.sum().item(), 0.0, abs_tol=1e-6)

@@ -25,33 +25,36 @@ def small_run(tmp_path):
     return make
 
 
-def _snapshot(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+def _snapshot(named):
+    return {name: p.detach().clone() for name, p in named}
 
 
 def test_m_step_changes_lora_and_leaves_base_weights(small_run):
     trainer = small_run(dro={"iterations": 1, "num_samples": 2, "batch_size": 4})
-    before = {role: _snapshot(m) for role, m in trainer.models.items()}
+    model = trainer.selector.model
+    assert model is trainer.generator.model  # both roles name tiny-llama: one base, two adapters
+    before = _snapshot(model.named_parameters())
     trainer.fit()
-    for role, model in trainer.models.items():
-        lora = base = 0
-        for name, param in model.named_parameters():
-            changed = not torch.equal(before[role][name], param.detach())
-            if "lora_" in name:
-                lora += 1
-                assert changed, f"{role}: LoRA parameter {name} did not change"
-            elif not param.requires_grad:
-                base += 1
-                assert not changed, f"{role}: frozen base weight {name} changed"
-        assert lora > 0 and base > 0
+    for role, unit in trainer.units.items():
+        own = dict(unit.named_parameters())
+        assert sum("lora_" in name for name in own) > 0
+        for name in (n for n in own if "lora_" in n):
+            assert not torch.equal(before[name], own[name].detach()), f"{role}: LoRA parameter {name} did not change"
+    base = [(n, p) for n, p in model.named_parameters() if "lora_" not in n and ".selector." not in n and ".generator." not in n]
+    assert base
+    for name, param in base:
+        assert torch.equal(before[name], param.detach()), f"frozen base weight {name} changed"
 
 
 def test_frozen_selector_is_not_updated(small_run):
     trainer = small_run(dro={"train_selector": False})
-    before = _snapshot(trainer.models["selector"])
+    before = _snapshot(trainer.units["selector"].named_parameters())
+    generator_before = _snapshot(trainer.units["generator"].named_parameters())
     trainer.fit()
-    after = _snapshot(trainer.models["selector"])
+    after = _snapshot(trainer.units["selector"].named_parameters())
     assert all(torch.equal(before[name], after[name]) for name in before)
+    generator_after = dict(trainer.units["generator"].named_parameters())
+    assert any(not torch.equal(generator_before[n], generator_after[n]) for n in generator_before)
 
 
 def test_nan_batches_are_skipped_then_abort(small_run, monkeypatch):

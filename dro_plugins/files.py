@@ -1,0 +1,32 @@
+"""Atomic file writes: a reader (or a resumed run after ``kill -9``) sees the old file or the new one, never half.
+
+Each write goes to a temporary file beside the target, is flushed to disk (``fsync``), and replaces the target
+with ``os.replace``, which is atomic on POSIX file systems.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to disk."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (temp file + fsync + ``os.replace``)."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with UTF-8 ``text`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))

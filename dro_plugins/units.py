@@ -1,0 +1,89 @@
+"""A trainable unit: one role's LoRA adapter on a (possibly shared) peft model.
+
+When the selector and the generator name the same base model, it is loaded once and carries two adapters,
+``selector`` and ``generator`` (peft multi-adapter, as TRL's ``add_adapter("ref")`` on one base). A unit is then
+(model, adapter name): :meth:`AdapterUnit.activate` switches the model to its adapter before a forward, and its
+parameters, state dict and saved folder hold that adapter only. With separate bases each model carries one
+adapter, named after its role, and nothing else changes. Parameters are found by adapter name, not by
+``requires_grad``: peft's ``set_adapter`` flips ``requires_grad`` of the adapters it deactivates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+
+from dro_plugins.files import atomic_write_text, fsync_file
+
+
+class AdapterUnit:
+    """One named LoRA adapter of a peft model.
+
+    Args:
+        model: a ``PeftModel`` that holds an adapter called ``name``.
+        name: the adapter's name ("selector" or "generator").
+        trainable: False for inference (``activate`` then keeps the adapter frozen).
+    """
+
+    def __init__(self, model, name: str, trainable: bool = True):
+        if name not in model.peft_config:
+            raise ValueError(f"the model has no adapter named '{name}' (it has {', '.join(model.peft_config)})")
+        self.model = model
+        self.name = name
+        self.trainable = trainable
+
+    def activate(self) -> None:
+        """Make this adapter the active one (a no-op when it already is)."""
+        if self.model.active_adapter != self.name:
+            self.model.set_adapter(self.name, inference_mode=not self.trainable)
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """This adapter's own parameters (LoRA matrices and its ``modules_to_save`` copies), by name."""
+        marker = f".{self.name}."
+        return [(n, p) for n, p in self.model.named_parameters() if marker in n]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights with peft's adapter-free keys (the format of ``adapter_model.safetensors``)."""
+        return get_peft_model_state_dict(self.model, adapter_name=self.name)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy saved adapter weights (any device or dtype) into this adapter.
+
+        Raises:
+            ValueError: the saved weights do not fit this adapter (other base model or LoRA settings).
+        """
+        result = set_peft_model_state_dict(self.model, state, adapter_name=self.name)
+        missing = [k for k in result.missing_keys if f".{self.name}." in k]
+        if missing:
+            raise ValueError(f"saved adapter weights lack {len(missing)} tensors of adapter '{self.name}', e.g. {missing[0]}")
+
+    def save(self, folder: Path) -> None:
+        """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder``, each file atomically.
+
+        The folder loads with ``PeftModel.from_pretrained(base, folder)`` like any peft adapter folder.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        partial = folder / "adapter_model.safetensors.partial"
+        save_file(weights, str(partial), metadata={"format": "pt"})
+        fsync_file(partial)
+        os.replace(partial, folder / "adapter_model.safetensors")
+        config = self.model.peft_config[self.name].to_dict()
+        config["target_modules"] = sorted(config["target_modules"]) if isinstance(config.get("target_modules"), (set, list)) else config.get("target_modules")
+        config["inference_mode"] = True
+        atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True, default=_jsonable))
+
+
+def _jsonable(value):
+    if isinstance(value, set):
+        return sorted(value)
+    return str(value)
