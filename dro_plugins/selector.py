@@ -183,9 +183,11 @@ class LMSelector:
         else:
             seed = int(torch.randint(2**62, (), generator=rng).item())
         grammars = [self.grammar(len(ex.candidates), self.top_k) for ex in batch]
-        steps = max(g.max_length for g in grammars)
-        width = max(g.num_candidates for g in grammars)
-        noise = torch.stack([gumbel_noise(question_seed(seed, ex.id), num_samples, steps, width) for ex in batch])
+        # each question's noise has its own grammar's shape, so it is the same whatever else is in the batch
+        noise = torch.zeros(len(batch), num_samples, max(g.max_length for g in grammars), max(g.num_candidates for g in grammars))
+        for b, (example, grammar) in enumerate(zip(batch, grammars)):
+            own = gumbel_noise(question_seed(seed, example.id), num_samples, grammar.max_length, grammar.num_candidates)
+            noise[b, :, : own.shape[1], : own.shape[2]] = own
         chunks = [self._decode(batch, self.top_k, temperature, noise[:, i : i + SAMPLES_PER_ROW]) for i in range(0, num_samples, SAMPLES_PER_ROW)]
         return SampleBatch(torch.cat([c[0] for c in chunks], 1), torch.cat([c[1] for c in chunks], 1))
 

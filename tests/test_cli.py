@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from dro_plugins.cli.main import app
 from dro_plugins.trainer import DROTrainer
-from tests.conftest import SHARED_DATA, tiny_run_config
+from tests.conftest import REPO, SHARED_DATA, tiny_run_config
 
 MUSIQUE = SHARED_DATA / "musique"
 pytestmark = pytest.mark.skipif(not MUSIQUE.is_dir(), reason="../shared/data is not beside the checkout")
@@ -98,3 +98,48 @@ def test_changed_config_does_not_silently_resume(write_config, tmp_path):
     clash = CliRunner().invoke(app, ["optimize", str(config), "--set", "dro.learning_rate=0.1"])
     assert clash.exit_code == 2
     assert "different config (dro.learning_rate)" in clash.output
+
+
+NQ = SHARED_DATA / "nq"
+
+
+@pytest.mark.skipif(not NQ.is_dir(), reason="../shared/data is not beside the checkout")
+def test_shared_base_with_microbatches_reaches_the_same_metrics(tmp_path, monkeypatch):
+    """NQ example: one base with two adapters and a small token budget vs two copies of it, unsplit."""
+    import shutil
+
+    import dro_plugins.trainer
+    from dro_plugins.models import write_tiny_model
+
+    splits = []
+    real_plan = dro_plugins.trainer.plan_microbatches
+    monkeypatch.setattr(dro_plugins.trainer, "plan_microbatches", lambda *a: splits.append(len(real_plan(*a))) or real_plan(*a))
+
+    base = write_tiny_model(tmp_path / "base", seed=3)
+    copy = shutil.copytree(base, tmp_path / "base-copy")
+    example = REPO / "examples" / "nq" / "config.yaml"
+    common = [
+        "--set", "data.max_examples=24", "--set", "data.num_candidates=8", "--set", "dro.iterations=2",
+        "--set", "dro.batch_size=8", "--set", "warmup.generator_steps=4", "--set", "warmup.selector_steps=4",
+        "--set", "eval_batch_size=8", "--set", "device=cpu", "--set", f"selector.model={base}",
+    ]
+    runs = {
+        "shared": [f"generator.model={base}", "dro.max_tokens_per_microbatch=1600", f"output_dir={tmp_path / 'shared'}"],
+        "separate": [f"generator.model={copy}", "dro.max_tokens_per_microbatch=null", f"output_dir={tmp_path / 'separate'}"],
+    }
+    lines, most_splits = {}, {}
+    for name, extra in runs.items():
+        splits.clear()
+        result = CliRunner().invoke(app, ["optimize", str(example), *common, *(a for e in extra for a in ("--set", e))])
+        assert result.exit_code == 0, result.output
+        assert "runs alone" not in result.output
+        most_splits[name] = max(splits)
+        lines[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert most_splits == {"shared": 8, "separate": 1}  # the generator step: one question per micro-batch
+    assert len(lines["shared"]) == len(lines["separate"]) == 4
+    for a, b in zip(lines["shared"], lines["separate"]):
+        assert set(a) == set(b)
+        for key, value in a.items():
+            if key.endswith("seconds"):
+                continue
+            assert value == pytest.approx(b[key], abs=1e-4), key
