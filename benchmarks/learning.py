@@ -39,10 +39,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from dro_plugins.batching import Shape  # noqa: E402
 from dro_plugins.config import RunConfig  # noqa: E402
 from dro_plugins.data import Example, load_examples  # noqa: E402
 from dro_plugins.evaluation import batches, evaluate  # noqa: E402
-from dro_plugins.objective import generator_loss  # noqa: E402
 from dro_plugins.run import build_models  # noqa: E402
 from dro_plugins.synthetic import make_dataset, make_entity_dataset  # noqa: E402
 from dro_plugins.trainer import DROTrainer, positive_candidates  # noqa: E402
@@ -157,34 +157,35 @@ class FirstStage:
     def select(self, batch: Sequence[Example], k: int | None = None) -> list[list[int]]:
         return [list(range(k or self.top_k)) for _ in batch]
 
+    def shape(self, example: Example, num_samples: int, top_k: int | None = None) -> Shape:
+        return Shape(1, 1)  # no model, nothing to bound
 
-def sft_first_k(config: RunConfig, generator, train: list[Example], validation: list[Example]) -> list[dict]:
-    """Fine-tune the generator on the first-stage top-k with the M-step's batch count, optimizer and clipping.
+
+def sft_first_k(trainer: DROTrainer) -> list[dict]:
+    """Fine-tune the generator on the first-stage top-k with the trainer's own M-step optimizer step.
+
+    Same batch count, optimizer, micro-batching, clipping and NaN guard as DRO's generator update; only the
+    permutation (candidates ``0..k-1``) and the weight (1) differ.
 
     Returns:
         the per-iteration history ``[{"iteration", "em", "f1", "recall"}]``, iteration 0 before training.
     """
+    config, generator = trainer.config, trainer.generator
     dro, k = config.dro, config.selector.top_k
     first_stage = FirstStage(k)
-    params = [p for p in generator.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=dro.learning_rate, weight_decay=dro.weight_decay)
 
     def validate(iteration: int) -> dict:
-        result = evaluate(first_stage, generator, validation, config.eval_batch_size)
+        result = evaluate(first_stage, generator, trainer.validation, config.eval_batch_size)
         return {"iteration": iteration, **{name: result[name] for name in METRICS}}
 
     history = [validate(0)]
     shuffle = torch.Generator().manual_seed(config.seed)
     for iteration in range(1, dro.iterations + 1):
         generator.model.train()
-        for index in batches(torch.randperm(len(train), generator=shuffle).tolist(), dro.batch_size):
-            batch = [train[i] for i in index]
+        for index in batches(torch.randperm(len(trainer.train_set), generator=shuffle).tolist(), dro.batch_size):
+            batch = [trainer.train_set[i] for i in index]
             permutations = torch.arange(k).expand(len(batch), 1, k)
-            loss = generator_loss(torch.ones(len(batch), 1), generator.log_likelihood(batch, permutations))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, dro.max_grad_norm)
-            optimizer.step()
+            trainer.step("generator", batch, permutations, torch.ones(len(batch), 1), trainer.optimizers["generator"])
         history.append(validate(iteration))
     return history
 
@@ -212,8 +213,8 @@ def warm_up(task: Task, seed: int, folder: Path) -> dict:
     before = evaluate(selector, generator, validation, config.eval_batch_size)
     started = time.perf_counter()
     trainer.warm_up()
-    for role, model in trainer.models.items():
-        model.save_pretrained(folder / role)
+    for role, unit in trainer.units.items():
+        unit.save(folder / role)
     return {"before_warmup": {key: before[key] for key in METRICS}, "seconds": time.perf_counter() - started}
 
 
@@ -229,10 +230,8 @@ def run_method(task: Task, seed: int, method: str, num_samples: int, warm: Path,
     config.warmup.generator_steps = config.warmup.selector_steps = 0  # the shared warm-up replaces it
     selector, generator = build_models(config, warm, adapters=warm)
     started = time.perf_counter()
-    if method == "sft_first_k":
-        history = sft_first_k(config, generator, train, validation)
-    else:
-        history = _history(DROTrainer(config, selector, generator, train, validation, folder).fit())
+    trainer = DROTrainer(config, selector, generator, train, validation, folder)
+    history = sft_first_k(trainer) if method == "sft_first_k" else _history(trainer.fit())
     shutil.rmtree(folder, ignore_errors=True)  # samples and checkpoints are not needed afterwards
     return {"history": history, "seconds": time.perf_counter() - started}
 

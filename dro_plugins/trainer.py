@@ -201,7 +201,7 @@ class DROTrainer:
                     perms = torch.tensor([rng.sample(perm, len(perm)) for perm in targets])[:, None]
                 else:
                     perms = torch.tensor(targets)[:, None]
-                self._step(role, batch, perms, torch.ones(len(batch), 1), optimizers[role])
+                self.step(role, batch, perms, torch.ones(len(batch), 1), optimizers[role])
                 if self.stop_requested:
                     raise Interrupted("interrupted during warm-up; nothing saved yet, run again to start over")
 
@@ -280,13 +280,13 @@ class DROTrainer:
             perms, w = permutations[index], weights[index]
             for role in ("selector", "generator"):
                 if getattr(dro, f"train_{role}"):
-                    self._step(role, batch, perms, w, self.optimizers[role], state)
+                    self.step(role, batch, perms, w, self.optimizers[role], state)
             state.batches_done = done
             if self.stop_requested:
                 self._checkpoint(state)
                 raise Interrupted(f"interrupted in M-step {iteration} after {done}/{len(steps)} batches; checkpoint saved")
 
-    def _step(
+    def step(
         self,
         role: str,
         batch: Sequence[Example],

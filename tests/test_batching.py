@@ -55,7 +55,7 @@ def test_microbatched_gradients_equal_unsplit(trainer, role):
     for budget in (None, total // 2 + max(s.length for s in shapes), 1):
         trainer.config.dro.max_tokens_per_microbatch = budget
         splits[budget] = len(trainer._plan(role, batch, permutations))
-        trainer._step(role, batch, permutations, weights, frozen)
+        trainer.step(role, batch, permutations, weights, frozen)
         grads[budget] = [p.grad.clone() for p in unit.parameters() if p.grad is not None]
     assert sorted(splits.values()) == [1, 2, len(batch)], splits
     reference = grads[None]

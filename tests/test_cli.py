@@ -58,7 +58,7 @@ def test_interrupt_and_resume_give_the_same_result(write_config, tmp_path, monke
     assert CliRunner().invoke(app, ["optimize", str(straight)]).exit_code == 0
 
     resumed = musique_config(write_config, tmp_path, "resumed", iterations=2)
-    real_step = DROTrainer._step
+    real_step = DROTrainer.step
     calls = {"n": 0}
 
     def step_then_interrupt(self, role, batch, permutations, weights, optimizer, state=None):
@@ -68,11 +68,11 @@ def test_interrupt_and_resume_give_the_same_result(write_config, tmp_path, monke
             if calls["n"] == 3:
                 self.stop_requested = True  # what the Ctrl-C handler does
 
-    monkeypatch.setattr(DROTrainer, "_step", step_then_interrupt)
+    monkeypatch.setattr(DROTrainer, "step", step_then_interrupt)
     first = CliRunner().invoke(app, ["optimize", str(resumed)])
     assert first.exit_code == 130, first.output
     assert "checkpoint saved" in first.output
-    monkeypatch.setattr(DROTrainer, "_step", real_step)
+    monkeypatch.setattr(DROTrainer, "step", real_step)
     second = CliRunner().invoke(app, ["optimize", str(resumed)])
     assert second.exit_code == 0, second.output
     assert "resuming" in second.output

@@ -48,7 +48,7 @@ def test_a_step_of_one_role_leaves_the_other_adapter_bit_identical(shared, tmp_p
     other = "generator" if role == "selector" else "selector"
     before = {r: _snapshot(trainer.units[r]) for r in (role, other)}
     permutations = torch.tensor([[[0, 1], [2, 3]]] * len(questions))
-    trainer._step(role, questions, permutations, torch.full((len(questions), 2), 0.5), trainer.optimizers[role])
+    trainer.step(role, questions, permutations, torch.full((len(questions), 2), 0.5), trainer.optimizers[role])
     after = {r: _snapshot(trainer.units[r]) for r in (role, other)}
     assert all(torch.equal(before[other][n], after[other][n]) for n in before[other])
     assert any(not torch.equal(before[role][n], after[role][n]) for n in before[role])
