@@ -89,3 +89,24 @@ def test_warmup_target_puts_positives_first_and_draws_the_rest():
     assert len({t[1] for t in targets}) == 7
     unlabelled = replace(example, candidates=tuple(replace(p, text="filler", has_answer=False) for p in example.candidates))
     assert supervised_permutation(unlabelled, 2, rng) is None
+
+
+def test_out_of_memory_becomes_one_line_naming_the_settings(small_run, monkeypatch):
+    trainer = small_run(dro={"batch_size": 4})
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer.selector, "log_prob", out_of_memory)
+    with pytest.raises(TrainingError, match=r"out of GPU memory in the M-step of iteration 1; lower dro\.max_tokens_per_microbatch"):
+        trainer.fit()
+
+
+def test_a_question_over_the_token_budget_runs_alone_with_one_warning(small_run):
+    trainer = small_run(dro={"batch_size": 4, "max_tokens_per_microbatch": 10})
+    lines = []
+    trainer.log = lines.append
+    trainer.fit()
+    warnings = [line for line in lines if "runs alone" in line]
+    assert warnings and all("dro.max_tokens_per_microbatch (10)" in line for line in warnings)
+    assert len(warnings) == len(set(warnings))  # once per question and role, not once per pass
