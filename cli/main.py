@@ -255,6 +255,10 @@ def evaluate(
 def tiny_model(
     folder: Annotated[Path, typer.Argument(help="Folder to write (created; must be empty or missing).")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(help="A real tokenizer's folder (e.g. Llama 3's): use its vocabulary, special tokens and chat template."),
+    ] = None,
 ):
     """Write a tiny random causal LM (Llama layout) with tokenizer and chat template to FOLDER, offline.
 
@@ -266,7 +270,7 @@ def tiny_model(
     if folder.exists() and any(folder.iterdir()):
         _fail(f"{folder}: folder is not empty; pass a new folder")
     try:
-        write_tiny_model(folder, seed=seed)
+        write_tiny_model(folder, seed=seed, tokenizer_dir=tokenizer)
     except DROError as exc:
         _fail(str(exc))
     console.print(f"tiny model written to {folder}")

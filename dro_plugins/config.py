@@ -47,6 +47,11 @@ class TinyModelConfig(_Section):
     heads: int = Field(4, ge=1, description="Attention heads.")
     kv_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention).")
     intermediate_size: int = Field(128, ge=8, description="Width of the MLP.")
+    tokenizer: Path | None = Field(
+        None,
+        description="A real tokenizer's folder (relative to the run config), e.g. an unpacked ../shared/tokenizers/llama3: "
+        "the tiny model takes its vocabulary, special tokens and chat template. Unset: the built-in WordPiece vocabulary.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelConfig:
@@ -285,6 +290,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     config.data.validation = (base / config.data.validation).resolve()
     if config.documents is not None:
         config.documents = (base / config.documents).resolve()
+    for section in (config.selector, config.generator):
+        if section.tiny.tokenizer is not None:
+            section.tiny.tokenizer = (base / section.tiny.tokenizer).resolve()
     if config.pipeline is not None and config.pipeline.haystack is not None:
         config.pipeline.haystack = (base / config.pipeline.haystack).resolve()
     if config.pipeline is not None and config.pipeline.llama_index is not None:

@@ -10,11 +10,14 @@ from dro_plugins.batching import Shape
 from dro_plugins.data import Example, Passage
 from dro_plugins.lm import greedy_generate, tail_logits
 from dro_plugins.prompts import generator_prompt, render
+from dro_plugins.tokenization import chat_format, encode_prompt, encode_with_target, stop_token_ids
 from dro_plugins.units import AdapterUnit
 
 
 # (question, passages in selection order) -> the text the generator reads, up to where its answer starts
 PromptRenderer = Callable[[str, Sequence[Passage]], str]
+# prompt text -> the token ids serving feeds the model (special tokens as the serving framework adds them)
+PromptEncoder = Callable[[str], list[int]]
 
 
 class LMGenerator:
@@ -22,8 +25,10 @@ class LMGenerator:
 
     The prompt lists the selected passages in the permutation's order: by default the built-in instruction
     (:func:`dro_plugins.prompts.generator_prompt`, chat template applied when the tokenizer has one); a framework
-    adapter passes its pipeline's own prompt template instead, so training and serving read the same text.
-    The answer is the first gold answer followed by the end-of-sequence token.
+    adapter passes its pipeline's own prompt template instead, so training and serving read the same text, and its
+    framework's encoder, so they read the same token ids. The target is the first gold answer as the tokenizer's chat
+    format writes it (:mod:`dro_plugins.tokenization`): e.g. followed by ``<|eot_id|>`` for Llama 3, by the eos token
+    without a chat template. Generation stops on those end-of-turn tokens.
 
     Args:
         model: a (peft-wrapped) causal LM.
@@ -35,6 +40,10 @@ class LMGenerator:
             (which cuts passages to ``max_passage_words``).
         unit: the generator's adapter on ``model`` (needed when the model is shared with the selector); by
             default the model's active adapter.
+        encode: prompt text -> ids; None for :func:`dro_plugins.tokenization.encode_prompt`.
+
+    Raises:
+        ModelLoadError: the tokenizer's chat template fails, or an answer could not end (no template, no eos).
     """
 
     def __init__(
@@ -46,8 +55,12 @@ class LMGenerator:
         length_normalize: bool = False,
         prompt: PromptRenderer | None = None,
         unit: AdapterUnit | None = None,
+        encode: PromptEncoder | None = None,
     ):
         self.model = model
+        self.encode = encode or (lambda text: encode_prompt(tokenizer, text))
+        self.chat = chat_format(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer, self.chat)
         if unit is None and hasattr(model, "peft_config"):
             unit = AdapterUnit(model, model.active_adapter)
         self.unit = unit
@@ -78,12 +91,23 @@ class LMGenerator:
 
     def prompt_ids(self, example: Example, permutation: Sequence[int]) -> list[int]:
         """Token ids of the generator prompt for one question and one permutation."""
-        text = self.prompt(example.question, [example.candidates[i] for i in permutation])
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encode(self.prompt_text(example, permutation))
+
+    def prompt_text(self, example: Example, permutation: Sequence[int]) -> str:
+        """The prompt text for one question and one permutation (passages in the permutation's order)."""
+        return self.prompt(example.question, [example.candidates[i] for i in permutation])
 
     def answer_ids(self, answer: str) -> list[int]:
-        """Target tokens of an answer: its tokens plus end-of-sequence, so the model learns to stop."""
-        return self.tokenizer.encode(answer, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        """Target tokens of an answer as the chat format writes it, end of turn included, so the model learns to stop.
+
+        These are the trained ids whenever the prompt's ids are a prefix of the prompt and answer encoded together
+        (checked per sequence by :func:`dro_plugins.tokenization.encode_with_target`).
+        """
+        return self.tokenizer.encode(self.chat.target_text(answer), add_special_tokens=False)
+
+    def sequence(self, example: Example, permutation: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Prompt ids and target ids of one scored sequence, prompt and answer encoded together."""
+        return encode_with_target(self.encode, self.tokenizer, self.prompt_text(example, permutation), self.chat.target_text(example.target))
 
     def log_likelihood(self, batch: Sequence[Example], permutations: torch.Tensor) -> torch.Tensor:
         """Differentiable log p_G(y | x, d_z): the sum of answer-token log-probs, prompt tokens masked.
@@ -102,13 +126,13 @@ class LMGenerator:
         rows: dict[tuple, int] = {}
         index, sequences, targets = [], [], []
         for b, example in enumerate(batch):
-            answer = self.answer_ids(example.target)
             for permutation in permutations[b].tolist():
                 key = (b, tuple(permutation))
                 if key not in rows:
                     rows[key] = len(sequences)
-                    sequences.append(self.prompt_ids(example, permutation) + answer)
-                    targets.append(answer)
+                    prompt, target = self.sequence(example, permutation)
+                    sequences.append(prompt + target)
+                    targets.append(target)
                 index.append(rows[key])
         longest = max(len(t) for t in targets)
         logits = tail_logits(self.model, sequences, longest + 1, self.tokenizer.pad_token_id, self.device)[:, :-1]
@@ -134,4 +158,5 @@ class LMGenerator:
         """
         self.activate()
         prompts = [self.prompt_ids(ex, perm) for ex, perm in zip(batch, permutations)]
-        return greedy_generate(self.model, self.tokenizer, prompts, self.max_new_tokens)
+        texts = greedy_generate(self.model, self.tokenizer, prompts, self.max_new_tokens, self.stop_ids)
+        return [self.chat.strip(text) for text in texts]

@@ -50,12 +50,15 @@ def tail_logits(model, sequences: Sequence[Sequence[int]], keep: int, pad_id: in
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+def greedy_generate(
+    model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] | None = None
+) -> list[str]:
     """Greedy continuations of left-padded prompts, decoded without special tokens and stripped.
 
     Args:
         prompts: N prompt token-id lists.
-        max_new_tokens: longest continuation, in tokens; decoding also stops at ``tokenizer.eos_token_id``.
+        max_new_tokens: longest continuation, in tokens.
+        stop_ids: token ids that end a continuation; ``tokenizer.eos_token_id`` when None.
     """
     was_training = model.training
     model.eval()
@@ -66,7 +69,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=list(stop_ids) if stop_ids else tokenizer.eos_token_id,
     )
     model.train(was_training)
     return [text.strip() for text in tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)]

@@ -7,6 +7,7 @@ Adapters are named after their role ("selector", "generator"), so one base model
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -94,7 +95,7 @@ def build_tiny_model(kind: str, shape: TinyModelConfig, tokenizer, seed: int) ->
         tie_word_embeddings=False,  # so embed_tokens and lm_head can each be trained (modules_to_save)
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.cls_token_id,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id,
     )
     if kind != "tiny-llama":
         raise ValueError(f"unknown tiny model '{kind}'; choose one of {', '.join(TINY_MODELS)}")
@@ -103,14 +104,51 @@ def build_tiny_model(kind: str, shape: TinyModelConfig, tokenizer, seed: int) ->
         return AutoModelForCausalLM.from_config(LlamaConfig(**common))
 
 
-def write_tiny_model(folder: str | Path, kind: str = "tiny-llama", shape: TinyModelConfig | None = None, seed: int = 0) -> Path:
-    """Write a tiny random causal LM with its tokenizer and chat template to ``folder`` (safetensors).
+def load_tokenizer_folder(folder: str | Path, field: str):
+    """A tokenizer from a local folder, with a pad token (the eos token when it has none, e.g. Llama 3).
 
-    The folder then loads like any Hugging Face model path, offline.
+    Raises:
+        ModelLoadError: the folder does not exist or holds no tokenizer files.
     """
     folder = Path(folder)
-    tokenizer = tiny_tokenizer()
-    model = build_tiny_model(kind, shape or TinyModelConfig(), tokenizer, seed)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{field}: tokenizer folder {folder} does not exist; point it at a folder with tokenizer.json")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{field}: {folder} holds no usable tokenizer ({str(exc).splitlines()[0][:150]}); it needs tokenizer.json and "
+            "tokenizer_config.json, as tokenizer.save_pretrained writes them"
+        ) from exc
+    return with_pad_token(tokenizer)
+
+
+def with_pad_token(tokenizer):
+    """The tokenizer, its eos token made the pad token when it has none (Llama 3); padding is always masked."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def write_tiny_model(
+    folder: str | Path, kind: str = "tiny-llama", shape: TinyModelConfig | None = None, seed: int = 0, tokenizer_dir: str | Path | None = None
+) -> Path:
+    """Write a tiny random causal LM with its tokenizer and chat template to ``folder`` (safetensors).
+
+    Args:
+        tokenizer_dir: a real tokenizer's folder (e.g. Llama 3's or Qwen 3's): the model gets its vocabulary, special
+            tokens and chat template, so the real tokenization paths run on a tiny model. None: the built-in WordPiece.
+
+    The folder then loads like any Hugging Face model path, offline.
+
+    Raises:
+        ModelLoadError: ``tokenizer_dir`` holds no tokenizer.
+    """
+    folder = Path(folder)
+    shape = shape or TinyModelConfig()
+    tokenizer_dir = tokenizer_dir or shape.tokenizer
+    tokenizer = tiny_tokenizer() if tokenizer_dir is None else load_tokenizer_folder(tokenizer_dir, "tiny.tokenizer")
+    model = build_tiny_model(kind, shape, tokenizer, seed)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
@@ -133,6 +171,11 @@ def load_pretrained(name: str, trust_remote_code: bool, field: str, device: torc
         ModelLoadError: the model cannot be found or loaded, or its attention cannot take packed masks; the message
             says what to do.
     """
+    if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ModelLoadError(
+            f"{field}: the folder {name} holds no tokenizer (tokenizer.json / tokenizer_config.json); save the model's "
+            "tokenizer there with tokenizer.save_pretrained(folder)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -146,10 +189,8 @@ def load_pretrained(name: str, trust_remote_code: bool, field: str, device: torc
             f"{field}: cannot load '{name}': {where}. Download it first (huggingface-cli download {name}), "
             f"point {field} at a local folder, or use one of {', '.join(TINY_MODELS)}. ({reason})"
         ) from exc
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     use_packing_attention(model, field)
-    return model, tokenizer
+    return model, with_pad_token(tokenizer)
 
 
 def use_packing_attention(model: PreTrainedModel, field: str) -> None:
@@ -182,8 +223,12 @@ def load_base_model(config: ModelConfig, field: str, tiny_folder: Path, seed: in
         ModelLoadError: as :func:`load_pretrained`.
     """
     if config.model in TINY_MODELS:
-        if not (tiny_folder / "config.json").is_file():
-            write_tiny_model(tiny_folder, config.model, config.tiny, seed)
+        if not (tiny_folder / "config.json").is_file():  # written beside, then renamed: never half a folder
+            partial = tiny_folder.with_name(tiny_folder.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            write_tiny_model(partial, config.model, config.tiny, seed)
+            shutil.rmtree(tiny_folder, ignore_errors=True)
+            os.replace(partial, tiny_folder)
         return load_pretrained(str(tiny_folder), False, field, device, dtype)
     return load_pretrained(config.model, config.trust_remote_code, field, device, dtype)
 

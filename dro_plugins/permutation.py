@@ -1,11 +1,13 @@
 """The token grammar of a selector output such as ``[7] > [2] > [15]``, for constrained decoding.
 
-A permutation ``z`` (k distinct candidate indices, 0-based) is written as the tokens of ``[i]`` for each
-pick, joined by the tokens of `` > ``. Each piece is tokenized on its own, so the token sequence of a
-permutation is fixed, whatever merges the tokenizer would make across pieces. Decoding is constrained by
-a :class:`DecodingState`: at each step only tokens that continue a label of an unused candidate (or the
-separator) are allowed. Sampling and scoring replay the same states, so ``log p_S(z | x)`` is the
-log-probability of exactly the distribution that was sampled (DESIGN.md §1).
+A permutation ``z`` (k distinct candidate indices, 0-based) is the text of :func:`permutation_text`. Its tokens are
+canonical: exactly ``tokenizer.encode(text)``, what the model itself would write. Byte-level BPE tokenizers write
+``" > [2]"`` as ``' >' ' [' '2' ']'``, so a label's tokens depend on what precedes it; the grammar therefore has two
+label tables, ``[i]`` for the first pick and ``" > [i]"`` (separator included) for every later pick, and checks at
+construction that their concatenations are the tokenizer's own encodings. Decoding is constrained by a
+:class:`DecodingState`: at each step only tokens that continue a label of an unused candidate are allowed. Sampling
+and scoring replay the same states, so ``log p_S(z | x)`` is the log-probability of exactly the distribution that
+was sampled (DESIGN.md §1).
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 SEPARATOR = " > "
+
+
+def permutation_text(permutation: Sequence[int]) -> str:
+    """The text of a permutation (0-based indices), as the selector writes it: ``[7] > [2] > [15]``."""
+    return SEPARATOR.join(f"[{i + 1}]" for i in permutation)
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,9 @@ class PermutationGrammar:
     """Token sequences of ranked selections of ``top_k`` out of ``num_candidates`` passages.
 
     Raises:
-        ValueError: a label's tokens are a prefix of another label's, so decoding would be ambiguous.
+        ValueError: the tokenizer makes one label's tokens a prefix of another's (decoding would be ambiguous), or
+            writes a permutation differently from its label pieces (the grammar cannot be canonical); the message
+            names the tokenizer and the label.
     """
 
     def __init__(self, tokenizer, num_candidates: int, top_k: int):
@@ -44,25 +53,42 @@ class PermutationGrammar:
             raise ValueError(f"top_k must be in 1..{num_candidates}, got {top_k}")
         self.num_candidates = num_candidates
         self.top_k = top_k
-        self.labels = [tuple(tokenizer.encode(f"[{i + 1}]", add_special_tokens=False)) for i in range(num_candidates)]
-        self.separator = tuple(tokenizer.encode(SEPARATOR, add_special_tokens=False))
-        for i, a in enumerate(self.labels):
-            for j, b in enumerate(self.labels):
-                if i != j and b[: len(a)] == a:
-                    raise ValueError(f"tokenizer makes label [{i + 1}] a prefix of [{j + 1}]; cannot decode")
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+        def encode(text: str) -> tuple[int, ...]:
+            return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+        self.first = [encode(f"[{i + 1}]") for i in range(num_candidates)]
+        self.later = [encode(f"{SEPARATOR}[{i + 1}]") for i in range(num_candidates)]
+        for table in (self.first, self.later):
+            for i, a in enumerate(table):
+                for j, b in enumerate(table):
+                    if i != j and b[: len(a)] == a:
+                        raise ValueError(f"tokenizer '{name}' makes label [{i + 1}] a prefix of [{j + 1}]; cannot decode")
+        if top_k > 1:  # every label in both slots, next to another label, as the tokenizer writes it in context
+            for i in range(num_candidates):
+                other = (i + 1) % num_candidates
+                for permutation in ([i, other], [other, i]):
+                    if encode(permutation_text(permutation)) != tuple(self.encode(permutation)):
+                        raise ValueError(
+                            f"tokenizer '{name}' writes '{permutation_text(permutation)}' with tokens that differ from its "
+                            f"label pieces, so the selector's grammar cannot be canonical for label [{i + 1}]"
+                        )
+
+    def labels(self, slot: int) -> list[tuple[int, ...]]:
+        """Token ids of each candidate's label at ``slot`` (0 = the first pick)."""
+        return self.first if slot == 0 else self.later
 
     @property
     def max_length(self) -> int:
-        """Tokens of the longest permutation: k of the longest labels and k - 1 separators."""
-        return self.top_k * max(len(label) for label in self.labels) + (self.top_k - 1) * len(self.separator)
+        """Tokens of the longest permutation."""
+        return max(map(len, self.first)) + (self.top_k - 1) * max(map(len, self.later))
 
     def encode(self, permutation: Sequence[int]) -> list[int]:
-        """Output token ids of a permutation (0-based candidate indices)."""
+        """Output token ids of a permutation (0-based candidate indices): ``tokenizer.encode(permutation_text(z))``."""
         tokens: list[int] = []
         for slot, index in enumerate(permutation):
-            if slot:
-                tokens += self.separator
-            tokens += self.labels[index]
+            tokens += self.labels(slot)[index]
         return tokens
 
     def choices(self, permutation: Sequence[int]) -> list[Choice]:
@@ -88,13 +114,12 @@ class PermutationGrammar:
 
 
 class DecodingState:
-    """Where a constrained decode stands: picks so far and the partial label or separator being written."""
+    """Where a constrained decode stands: picks so far and the partial label being written."""
 
     def __init__(self, grammar: PermutationGrammar):
         self.grammar = grammar
         self.picked: list[int] = []
         self.prefix: tuple[int, ...] = ()
-        self.in_separator = False
 
     @property
     def done(self) -> bool:
@@ -105,10 +130,8 @@ class DecodingState:
         if self.done:
             return ()
         depth = len(self.prefix)
-        if self.in_separator:
-            return (self.grammar.separator[depth],)
         nexts: dict[int, None] = {}
-        for index, label in enumerate(self.grammar.labels):
+        for index, label in enumerate(self.grammar.labels(len(self.picked))):
             if index not in self.picked and label[:depth] == self.prefix:
                 nexts[label[depth]] = None
         return tuple(nexts)
@@ -116,15 +139,10 @@ class DecodingState:
     def advance(self, token: int) -> None:
         """Take ``token`` (which must be allowed) and move to the next state."""
         self.prefix += (token,)
-        if self.in_separator:
-            if self.prefix == self.grammar.separator:
-                self.prefix, self.in_separator = (), False
-            return
-        for index, label in enumerate(self.grammar.labels):
+        for index, label in enumerate(self.grammar.labels(len(self.picked))):
             if label == self.prefix and index not in self.picked:
                 self.picked.append(index)
                 self.prefix = ()
-                self.in_separator = not self.done and bool(self.grammar.separator)
                 return
 
 

@@ -25,6 +25,7 @@ from dro_plugins.lm import compute_dtype, greedy_generate, left_pad
 from dro_plugins.packing import additive_mask, decode_step_mask, pack_shared_prefix
 from dro_plugins.permutation import DecodingState, PermutationGrammar
 from dro_plugins.prompts import render, selector_prompt
+from dro_plugins.tokenization import encode_prompt
 from dro_plugins.units import AdapterUnit
 
 # Samples of one question decoded in one row at most; more are decoded in further rows (each with the prompt).
@@ -100,7 +101,7 @@ class LMSelector:
     def prompt_ids(self, example: Example, top_k: int) -> list[int]:
         """Token ids of the selector prompt for one question (chat template applied when present)."""
         text = render(self.tokenizer, selector_prompt(example.question, example.candidates, top_k, self.max_passage_words))
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return encode_prompt(self.tokenizer, text)
 
     def shape(self, example: Example, num_samples: int, top_k: int | None = None) -> Shape:
         """Tokens one question needs when its m permutations are sampled or scored: one packed row.

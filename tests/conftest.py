@@ -94,3 +94,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+REAL_TOKENIZERS = ("llama3", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
+    """The real Llama 3 and Qwen 3 tokenizers of ../shared/tokenizers, unpacked into a temporary folder."""
+    import lzma
+    import shutil
+
+    source = SHARED_DATA.parent / "tokenizers"
+    if not source.is_dir():
+        pytest.skip("../shared/tokenizers is not beside the checkout")
+    root = tmp_path_factory.mktemp("tokenizers")
+    folders = {}
+    for name in REAL_TOKENIZERS:
+        folder = root / name
+        folder.mkdir()
+        shutil.copy(source / name / "tokenizer_config.json", folder)
+        (folder / "tokenizer.json").write_bytes(lzma.decompress((source / name / "tokenizer.json.xz").read_bytes()))
+        folders[name] = folder
+    return folders
+
+
+@pytest.fixture(scope="session")
+def real_tiny_model_dirs(tmp_path_factory, real_tokenizer_dirs) -> dict[str, Path]:
+    """Tiny random models with the real tokenizers' vocabularies and chat templates, as `dro tiny-model --tokenizer` writes."""
+    root = tmp_path_factory.mktemp("real-tiny")
+    return {name: write_tiny_model(root / name, seed=2, tokenizer_dir=folder) for name, folder in real_tokenizer_dirs.items()}
