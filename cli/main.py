@@ -125,6 +125,12 @@ def _retrieve(config: RunConfig, pipeline, examples, track):
     return attach_candidates(examples, pipeline, config.data.num_candidates, config.selector.top_k, track)
 
 
+def _use_pipeline_prompts(pipeline, generator) -> None:
+    """Train and score the generator on the pipeline's own prompt text and token ids."""
+    generator.prompt = pipeline.prompt_renderer(generator.tokenizer)
+    generator.encode = pipeline.prompt_encoder(generator.tokenizer)
+
+
 def _check_resume(config: RunConfig, restart: bool) -> None:
     from dro_plugins.run import RunPaths
 
@@ -144,7 +150,10 @@ def _check_resume(config: RunConfig, restart: bool) -> None:
             f"output_dir {paths.root} holds a run with a different config ({', '.join(changed)}); "
             "pass --restart to start over there, or set output_dir to a new folder"
         )
-    console.print(f"resuming the run in {paths.root}")
+    if any((paths.root / name).is_dir() for name in ("checkpoint", "checkpoint.old")):
+        console.print(f"resuming the run in {paths.root}")
+    else:
+        console.print(f"starting over in {paths.root}: the run there stopped before its first checkpoint")
 
 
 @app.command()
@@ -173,7 +182,7 @@ def optimize(
             console.print(f"{len(train)} training and {len(validation)} validation questions; loading models")
             selector, generator = build_models(config, config.output_dir)
             if pipeline is not None:
-                generator.prompt = pipeline.prompt_renderer(generator.tokenizer)
+                _use_pipeline_prompts(pipeline, generator)
             trainer = DROTrainer(
                 config, selector, generator, train, validation, config.output_dir,
                 track=_tracker(progress), log=lambda line: progress.console.print(line, highlight=False),
@@ -237,7 +246,7 @@ def evaluate(
         with _progress() as progress:
             if pipeline is not None:
                 examples = _retrieve(config, pipeline, examples, _tracker(progress))
-                generator.prompt = pipeline.prompt_renderer(generator.tokenizer)
+                _use_pipeline_prompts(pipeline, generator)
             result = score(selector, generator, examples, config.eval_batch_size, _tracker(progress))
     except DROError as exc:
         _fail(str(exc))

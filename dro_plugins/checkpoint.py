@@ -1,13 +1,20 @@
 """Saving and restoring training state so that an interrupted ``dro optimize`` resumes where it stopped.
 
-A checkpoint folder holds the LoRA adapters of both models (safetensors), the optimizer states and RNG
-state (``optimizers.pt``, read back with ``weights_only=True``) and the loop position (``state.json``).
-It is written to a temporary folder and renamed, so a crash while saving leaves the previous one intact.
+A checkpoint folder holds the LoRA adapters of both models (safetensors), the adapters of the best iteration so far
+(``best/``), the optimizer and RNG states (``optimizers.pt``, read back with ``weights_only=True``), the loop position
+with the metrics history (``state.json``) and, written last, ``COMPLETE``: the sha256 of every other file.
+
+Writing: a new checkpoint is built in ``checkpoint.tmp/``; the current one is renamed to ``checkpoint.old/`` and the new
+one into place, then the old one is removed. A kill at any moment leaves either ``checkpoint/`` or ``checkpoint.old/``
+complete, and :func:`find_checkpoint` takes whichever is. A checkpoint whose files do not match their checksums is
+reported, never used silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,24 +22,36 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from dro_plugins.errors import DROError
+from dro_plugins.faults import crash_point
+from dro_plugins.files import atomic_write_bytes, atomic_write_text
+
+MARKER = "COMPLETE"
+
+
+class CorruptCheckpoint(DROError):
+    """A checkpoint's files are missing or do not match their checksums."""
+
 
 @dataclass
 class LoopState:
     """Where the EM loop stands.
 
     Attributes:
-        iteration: the EM iteration in progress (1..N); N + 1 when finished.
-        phase: "e_step", "m_step" or "validate" within that iteration.
+        iteration: the EM iteration in progress (0 = warm-up and the validation before DRO; 1..N); N + 1 when finished.
+        phase: "warmup", "e_step", "m_step" or "validate" within that iteration.
         batches_done: M-step batches already applied in this iteration.
+        losses: this iteration's M-step losses per role, one per optimizer step (for the metrics line).
         best_f1: best validation F1 so far; best_iteration: where it was reached.
         stale_iterations: iterations since the best one (early stopping).
         history: the metrics lines written so far.
         nan_batches: batches skipped for a non-finite loss, in total.
     """
 
-    iteration: int = 1
-    phase: str = "e_step"
+    iteration: int = 0
+    phase: str = "warmup"
     batches_done: int = 0
+    losses: dict[str, list[float]] = field(default_factory=dict)
     best_f1: float = -1.0
     best_iteration: int = 0
     stale_iterations: int = 0
@@ -40,32 +59,96 @@ class LoopState:
     nan_batches: int = 0
 
 
-def save_checkpoint(folder: Path, state: LoopState, units: dict, optimizers: dict) -> None:
-    """Write adapters, optimizer and RNG states and the loop state atomically to ``folder``.
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(folder: Path, state: LoopState, units: dict, optimizers: dict, new_best: bool) -> None:
+    """Write adapters, best adapters, optimizer and RNG states and the loop state to ``folder``, crash-safely.
 
     Args:
         units: role -> :class:`dro_plugins.units.AdapterUnit`.
+        new_best: the current adapters are the best so far (copied to ``best/``); otherwise ``best/`` is carried over
+            from the previous checkpoint.
     """
     staging = folder.with_name(folder.name + ".tmp")
+    old = folder.with_name(folder.name + ".old")
+    previous = find_checkpoint(folder)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for role, unit in units.items():
         unit.save(staging / role)
+        if new_best:
+            unit.save(staging / "best" / role)
+    if not new_best and previous is not None and (previous / "best").is_dir():
+        shutil.copytree(previous / "best", staging / "best")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "rng": rng}, staging / "optimizers.pt")
-    (staging / "state.json").write_text(json.dumps(asdict(state), indent=1))
-    old = folder.with_name(folder.name + ".old")
+    buffer = staging / "optimizers.pt"
+    torch.save({"optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "rng": rng}, buffer)
+    atomic_write_bytes(buffer, buffer.read_bytes())  # fsync'd like every other file
+    atomic_write_text(staging / "state.json", json.dumps(asdict(state), indent=1))
+    files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+    atomic_write_text(staging / MARKER, json.dumps({name: _sha256(staging / name) for name in files}, indent=1))
+    crash_point("checkpoint-written")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
-        folder.rename(old)
-    staging.rename(folder)
+        os.replace(folder, old)
+    crash_point("checkpoint-swap")
+    os.replace(staging, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(folder: Path) -> None:
+    """Check a checkpoint's files against its ``COMPLETE`` checksums.
+
+    Raises:
+        CorruptCheckpoint: the marker is missing (the write did not finish) or a file is missing or changed.
+    """
+    marker = folder / MARKER
+    if not marker.is_file():
+        raise CorruptCheckpoint(f"{folder}: incomplete checkpoint (no {MARKER} marker)")
+    try:
+        expected = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpoint(f"{folder}: unreadable {MARKER} marker") from exc
+    for name, digest in expected.items():
+        path = folder / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise CorruptCheckpoint(f"{folder}: {name} is missing or damaged (checksum mismatch)")
+
+
+def find_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint to resume from: ``folder`` if it is complete, else a complete ``folder.old`` (a save was cut
+    between its two renames), else None when neither exists.
+
+    Raises:
+        CorruptCheckpoint: a checkpoint exists but none is complete and intact; the message says what to do.
+    """
+    old = folder.with_name(folder.name + ".old")
+    candidates = [c for c in (folder, old) if c.is_dir()]
+    if not candidates:
+        return None
+    problems = []
+    for candidate in candidates:
+        try:
+            verify(candidate)
+            return candidate
+        except CorruptCheckpoint as exc:
+            problems.append(str(exc))
+    raise CorruptCheckpoint(
+        f"{'; '.join(problems)}. Nothing to resume from: pass --restart to start the run over "
+        "(the run folder's metrics and adapters are replaced)"
+    )
 
 
 def load_checkpoint(folder: Path, units: dict, optimizers: dict) -> LoopState:
-    """Restore adapters, optimizers and RNG from ``folder`` into the given objects; return the loop state.
+    """Restore adapters, optimizers and RNG from a verified checkpoint ``folder``; return the loop state.
 
     A checkpoint written on another device (CUDA or CPU) loads: tensors are read on the CPU and copied to where the
     adapters and optimizer states live.

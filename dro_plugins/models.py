@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 
 from dro_plugins.config import TINY_MODELS, LoraConfig, ModelConfig, TinyModelConfig
 from dro_plugins.errors import ModelLoadError
+from dro_plugins.faults import crash_point
 
 # Attention implementations that take the custom 4-D masks of shared-prefix packing (dro_plugins.packing).
 PACKING_ATTENTION = ("sdpa", "eager")
@@ -171,6 +172,12 @@ def load_pretrained(name: str, trust_remote_code: bool, field: str, device: torc
         ModelLoadError: the model cannot be found or loaded, or its attention cannot take packed masks; the message
             says what to do.
     """
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and Path(name).parent.exists()
+    if looks_like_path and not Path(name).expanduser().exists():
+        raise ModelLoadError(
+            f"{field}: the folder {name} does not exist; point {field} at a model folder or a Hugging Face id "
+            f"(or write a tiny one with `dro tiny-model {name}`)"
+        )
     if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ModelLoadError(
             f"{field}: the folder {name} holds no tokenizer (tokenizer.json / tokenizer_config.json); save the model's "
@@ -227,6 +234,7 @@ def load_base_model(config: ModelConfig, field: str, tiny_folder: Path, seed: in
             partial = tiny_folder.with_name(tiny_folder.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
             write_tiny_model(partial, config.model, config.tiny, seed)
+            crash_point("tiny-model-written")
             shutil.rmtree(tiny_folder, ignore_errors=True)
             os.replace(partial, tiny_folder)
         return load_pretrained(str(tiny_folder), False, field, device, dtype)

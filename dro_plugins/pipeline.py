@@ -14,7 +14,7 @@ from typing import Protocol
 
 from dro_plugins.data import Example, Passage
 from dro_plugins.errors import DataError
-from dro_plugins.generator import PromptRenderer
+from dro_plugins.generator import PromptEncoder, PromptRenderer
 from dro_plugins.metrics import passage_has_answer
 
 
@@ -32,6 +32,9 @@ class TrainablePipeline(Protocol):
 
     def prompt_renderer(self, tokenizer) -> PromptRenderer:
         """Renders the generator prompt exactly as the pipeline does when serving (template and chat template)."""
+
+    def prompt_encoder(self, tokenizer) -> PromptEncoder:
+        """Encodes a rendered prompt into the ids the pipeline's generator feeds its model when serving."""
 
     def export(self, run_dir: Path) -> Path:
         """Write what serving the optimized pipeline needs into ``run_dir``; return the main file or folder."""

@@ -28,6 +28,15 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
+def encode_like_transformers_pipeline(tokenizer):
+    """The prompt encoder of serving paths that call ``tokenizer(text)`` on a rendered prompt: the transformers
+    text-generation pipeline (Haystack's ``TransformersChatGenerator``) and LlamaIndex's ``HuggingFaceLLM``.
+
+    They add the tokenizer's special tokens even when the chat template already wrote a BOS; training matches them.
+    """
+    return lambda text: tokenizer(text)["input_ids"]
+
+
 def special_tokens(tokenizer) -> dict[str, int]:
     """Every special token of the tokenizer (named ones and added tokens marked special): text -> id."""
     found = dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))

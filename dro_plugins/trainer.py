@@ -7,6 +7,7 @@ Everything that writes to the run folder or decides when to stop lives here; the
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import threading
@@ -18,11 +19,13 @@ from pathlib import Path
 import torch
 
 from dro_plugins.batching import Shape, oversized, plan_microbatches, run_in_microbatches
-from dro_plugins.checkpoint import LoopState, load_checkpoint, save_checkpoint
+from dro_plugins.checkpoint import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
 from dro_plugins.config import RunConfig, dump_config
 from dro_plugins.data import Example
 from dro_plugins.errors import DROError, TrainingError
 from dro_plugins.evaluation import batches, evaluate
+from dro_plugins.faults import crash_point
+from dro_plugins.files import atomic_write_bytes, atomic_write_text
 from dro_plugins.generator import LMGenerator
 from dro_plugins.metrics import passage_has_answer
 from dro_plugins.objective import (
@@ -113,7 +116,6 @@ class DROTrainer:
         self.units = {"selector": selector.unit, "generator": generator.unit}
         self.optimizers = {role: _adamw(unit, lr, wd) for role, unit in self.units.items()}
         self.consecutive_nan = 0
-        self.losses: dict[str, list[float]] = {}
         self.phase = "start"
         self.warned_oversized: set[str] = set()
 
@@ -138,41 +140,56 @@ class DROTrainer:
             ) from None
 
     def _fit(self) -> dict:
-        dro = self.config.dro
         with self._stop_on_sigint():
             state = self._start_or_resume()
-            while state.iteration <= dro.iterations and state.stale_iterations < dro.patience:
-                it = state.iteration
-                if state.phase == "e_step":
-                    self._e_step(it)
-                    state.phase, state.batches_done = "m_step", 0
+            while not self._finished(state):
+                if state.phase == "warmup":
+                    self._warm_up_phase(state)
+                elif state.phase == "e_step":
+                    self._e_step(state.iteration)
+                    state.phase, state.batches_done, state.losses = "m_step", 0, {}
                     self._checkpoint(state)
-                if state.phase == "m_step":
-                    self._m_step(it, state)
+                elif state.phase == "m_step":
+                    self._m_step(state.iteration, state)
                     state.phase = "validate"
                     self._checkpoint(state)
-                self._record(state, self._validate(), it)
-                state.iteration, state.phase = it + 1, "e_step"
-                self._checkpoint(state)
+                else:
+                    new_best = self._record(state, self._validate(), state.iteration)
+                    state.iteration, state.phase = state.iteration + 1, "e_step"
+                    self._checkpoint(state, new_best)
         return self._write_report(state)
 
+    def _finished(self, state: LoopState) -> bool:
+        dro = self.config.dro
+        return state.phase == "e_step" and (state.iteration > dro.iterations or state.stale_iterations >= dro.patience)
+
     def _start_or_resume(self) -> LoopState:
-        if (self.paths.checkpoint / "state.json").is_file():
-            state = load_checkpoint(self.paths.checkpoint, self.units, self.optimizers)
-            self.log(f"resuming at iteration {state.iteration} ({state.phase})")
+        """The saved loop state (metrics.jsonl and the best adapters made to follow it), or a fresh one.
+
+        Raises:
+            CorruptCheckpoint: a checkpoint exists but is damaged (the message offers --restart).
+        """
+        found = find_checkpoint(self.paths.checkpoint)
+        if found is not None:
+            state = load_checkpoint(found, self.units, self.optimizers)
+            atomic_write_text(self.paths.metrics, "".join(json.dumps(line) + "\n" for line in state.history))
+            self._publish_best(found)
+            self.log(f"resuming at iteration {state.iteration}, phase {state.phase.replace('_', '-')}")
             return state
         self.paths.root.mkdir(parents=True, exist_ok=True)
-        self.paths.config.write_text(dump_config(self.config))
+        atomic_write_text(self.paths.config, dump_config(self.config))
         self.paths.metrics.unlink(missing_ok=True)
         torch.manual_seed(self.config.seed)
-        state = LoopState()
+        return LoopState()
+
+    def _warm_up_phase(self, state: LoopState) -> None:
+        """Iteration 0: validation before the warm-up (when there is one), the warm-up, then a checkpoint."""
         warm = self.config.warmup
         if warm.generator_steps or warm.selector_steps:
             self._record(state, self._validate(), 0, stage="before_warmup")
             self.warm_up()
-        self._record(state, self._validate(), 0)
+        state.phase = "validate"
         self._checkpoint(state)
-        return state
 
     # ---- warm-up (paper §6.4) -------------------------------------------------------------------
 
@@ -202,6 +219,7 @@ class DROTrainer:
                 else:
                     perms = torch.tensor(targets)[:, None]
                 self.step(role, batch, perms, torch.ones(len(batch), 1), optimizers[role])
+                crash_point("warmup")
                 if self.stop_requested:
                     raise Interrupted("interrupted during warm-up; nothing saved yet, run again to start over")
 
@@ -242,9 +260,11 @@ class DROTrainer:
                         "weights": weights[b].tolist(),
                     }
                 )
+            crash_point("e-step")
             if self.stop_requested:
                 raise Interrupted(f"interrupted in E-step {iteration}; it restarts on resume")
-        self._sample_file(iteration).write_text("".join(json.dumps(line) + "\n" for line in lines))
+        atomic_write_text(self._sample_file(iteration), "".join(json.dumps(line) + "\n" for line in lines))
+        crash_point("samples-written")
         self.log(f"E-step {iteration}: {len(lines)} questions x {dro.num_samples} samples in {time.perf_counter() - started:.1f}s")
 
     def _sample_file(self, iteration: int) -> Path:
@@ -270,7 +290,6 @@ class DROTrainer:
         for model in (self.selector.model, self.generator.model):
             model.train()
         self.phase = f"M-step of iteration {iteration}"
-        self.losses = {}
         done = 0
         for index in self.track(steps, f"M-step {iteration}", len(steps)):
             done += 1
@@ -280,8 +299,11 @@ class DROTrainer:
             perms, w = permutations[index], weights[index]
             for role in ("selector", "generator"):
                 if getattr(dro, f"train_{role}"):
-                    self.step(role, batch, perms, w, self.optimizers[role], state)
+                    loss = self.step(role, batch, perms, w, self.optimizers[role], state)
+                    if loss is not None:
+                        state.losses.setdefault(role, []).append(loss)
             state.batches_done = done
+            crash_point("m-step")
             if self.stop_requested:
                 self._checkpoint(state)
                 raise Interrupted(f"interrupted in M-step {iteration} after {done}/{len(steps)} batches; checkpoint saved")
@@ -294,7 +316,7 @@ class DROTrainer:
         weights: torch.Tensor,
         optimizer: torch.optim.Optimizer,
         state: LoopState | None = None,
-    ) -> None:
+    ) -> float | None:
         """One optimizer step of ``role`` on ``batch``: Eq. 10 (selector) or Eq. 11 (generator).
 
         The batch is split into micro-batches of at most ``dro.max_tokens_per_microbatch`` padded tokens; each
@@ -303,6 +325,9 @@ class DROTrainer:
 
         Args:
             permutations: ``[B, m, k]``; weights: ``[B, m]`` importance weights (ones for the warm-up).
+
+        Returns:
+            the step's loss (mean over the batch's questions), or None when the step was skipped.
         """
         score = self.selector.log_prob if role == "selector" else self.generator.log_likelihood
         objective = selector_loss if role == "selector" else generator_loss
@@ -314,13 +339,13 @@ class DROTrainer:
             if not torch.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 self._skip_nan(role, state)
-                return
+                return None
             loss.backward()
             total += loss.item()
         self.consecutive_nan = 0
         torch.nn.utils.clip_grad_norm_(self.units[role].parameters(), self.config.dro.max_grad_norm)
         optimizer.step()
-        self.losses.setdefault(role, []).append(total)
+        return total
 
     def _skip_nan(self, role: str, state: LoopState | None) -> None:
         self.consecutive_nan += 1
@@ -369,31 +394,46 @@ class DROTrainer:
             self.config.dro.max_tokens_per_microbatch,
         )
         result["seconds"] = time.perf_counter() - started
+        crash_point("validation")
         return result
 
-    def _record(self, state: LoopState, result: dict, iteration: int, stage: str = "dro") -> None:
-        """Append a metrics line; on a new best F1 (stage "dro"), save the adapters as the run's result."""
+    def _record(self, state: LoopState, result: dict, iteration: int, stage: str = "dro") -> bool:
+        """Append a metrics line (to the history and to metrics.jsonl); True when it is a new best F1 (stage "dro")."""
         line = {"iteration": iteration, "stage": stage, **{k: result[k] for k in ("em", "f1", "recall")}}
         if iteration > 0:
             line.update(self._e_step_diagnostics(iteration))
-            line.update({f"{role}_loss": sum(v) / len(v) for role, v in self.losses.items() if v})
+            line.update({f"{role}_loss": sum(v) / len(v) for role, v in state.losses.items() if v})
             line["nan_batches"] = state.nan_batches
         line["validation_seconds"] = round(result["seconds"], 2)
         state.history.append(line)
         with self.paths.metrics.open("a") as out:
             out.write(json.dumps(line) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        crash_point("metrics-appended")
         self.log(
             f"iteration {iteration} ({stage}): EM {line['em']:.3f}  F1 {line['f1']:.3f}  recall {line['recall']:.3f}"
             + (f"  ESS {line['ess']:.2f}/{self.config.dro.num_samples}" if "ess" in line else "")
         )
         if stage != "dro":
-            return
+            return False
         if line["f1"] > state.best_f1:
             state.best_f1, state.best_iteration, state.stale_iterations = line["f1"], iteration, 0
-            for role, unit in self.units.items():
-                unit.save(self.paths.adapter(role))
-        else:
-            state.stale_iterations += 1
+            return True
+        state.stale_iterations += 1
+        return False
+
+    def _publish_best(self, checkpoint: Path) -> None:
+        """Copy the checkpoint's best adapters to the run folder's ``selector/`` and ``generator/``, file by file."""
+        for role in self.units:
+            source = checkpoint / "best" / role
+            if not source.is_dir():
+                continue
+            target = self.paths.adapter(role)
+            target.mkdir(parents=True, exist_ok=True)
+            for file in sorted(source.iterdir()):
+                atomic_write_bytes(target / file.name, file.read_bytes())
+            crash_point("best-published")
 
     def _e_step_diagnostics(self, iteration: int) -> dict:
         """Means over questions of ESS, weight entropy, evidence, sample recall and distinct samples."""
@@ -413,8 +453,11 @@ class DROTrainer:
             "distinct_samples": sum(distinct) / len(distinct),
         }
 
-    def _checkpoint(self, state: LoopState) -> None:
-        save_checkpoint(self.paths.checkpoint, state, self.units, self.optimizers)
+    def _checkpoint(self, state: LoopState, new_best: bool = False) -> None:
+        """Save the loop state; with a new best iteration, its adapters go into the checkpoint, then the run folder."""
+        save_checkpoint(self.paths.checkpoint, state, self.units, self.optimizers, new_best)
+        if new_best:
+            self._publish_best(self.paths.checkpoint)
 
     def _write_report(self, state: LoopState) -> dict:
         dro_lines = [line for line in state.history if line["stage"] == "dro"]
@@ -426,7 +469,8 @@ class DROTrainer:
             "nan_batches": state.nan_batches,
             "history": state.history,
         }
-        self.paths.report.write_text(json.dumps(report, indent=1))
+        crash_point("report")
+        atomic_write_text(self.paths.report, json.dumps(report, indent=1))
         return report
 
     @contextmanager

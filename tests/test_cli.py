@@ -143,3 +143,22 @@ def test_shared_base_with_microbatches_reaches_the_same_metrics(tmp_path, monkey
             if key.endswith("seconds"):
                 continue
             assert value == pytest.approx(b[key], abs=1e-4), key
+
+
+@pytest.mark.skipif(not NQ.is_dir(), reason="../shared/data is not beside the checkout")
+@pytest.mark.parametrize("name", ["llama3", "qwen3"])
+def test_optimize_the_nq_example_on_a_tiny_model_with_a_real_tokenizer(name, real_tokenizer_dirs, tmp_path):
+    settings = [
+        "data.max_examples=8", "data.num_candidates=6", "dro.iterations=2", "dro.num_samples=2", "dro.batch_size=4",
+        "warmup.generator_steps=2", "warmup.selector_steps=2", "eval_batch_size=8", "device=cpu", f"output_dir={tmp_path / 'run'}",
+        f"selector.tiny.tokenizer={real_tokenizer_dirs[name]}", f"generator.tiny.tokenizer={real_tokenizer_dirs[name]}",
+    ]
+    result = CliRunner().invoke(app, ["optimize", str(REPO / "examples" / "nq" / "config.yaml"), *(a for s in settings for a in ("--set", s))])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines if line["stage"] == "dro"] == [0, 1, 2]
+    assert len(json.loads((tmp_path / "run" / "base" / "selector" / "config.json").read_text())) > 0
+    from transformers import AutoTokenizer
+
+    vocabulary = len(AutoTokenizer.from_pretrained(tmp_path / "run" / "base" / "selector"))
+    assert vocabulary > 128_000  # the real tokenizer's vocabulary, not the built-in one

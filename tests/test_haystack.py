@@ -26,6 +26,7 @@ from haystack_integrations.components.generators.transformers import Transformer
 from dro_plugins.cli.main import app  # noqa: E402
 from dro_plugins.config import load_config  # noqa: E402
 from dro_plugins.data import Example  # noqa: E402
+from dro_plugins.generator import LMGenerator  # noqa: E402
 from dro_plugins.models import load_pretrained  # noqa: E402
 from dro_plugins.run import export_generator, load_trained  # noqa: E402
 from dro_plugins.permutation import parse_permutation  # noqa: E402
@@ -137,6 +138,34 @@ def test_training_prompt_is_the_serving_prompt(tiny_model_dir, tmp_path, write_c
     serving_text = generator._prepare_inputs(messages["prompt"])["prepared_prompt"]
     assert training_text == serving_text
     assert "who wrote hamlet" in training_text and passages[2].text[:20] in training_text
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama3", "qwen3"])
+def test_training_ids_are_the_ids_serving_feeds_the_model(name, tiny_model_dir, real_tiny_model_dirs, tmp_path, write_config):
+    """The generator component's model receives exactly the prompt ids DRO trains on (BOS and chat format included)."""
+    model_dir = tiny_model_dir if name == "tiny" else real_tiny_model_dirs[name]
+    pipeline_yaml = tmp_path / "rag.yaml"
+    pipeline_yaml.write_text((EXAMPLE / "rag.yaml").read_text().replace("models/generator", str(model_dir)))
+    haystack = HaystackPipeline(load_config(write_config(_run_tree(pipeline_yaml))))
+    passages = haystack.retrieve("who wrote hamlet", 3)
+    model, tokenizer = load_pretrained(str(model_dir), False, "generator.model")
+    trained = LMGenerator(
+        model, tokenizer, max_passage_words=100, prompt=haystack.prompt_renderer(tokenizer), encode=haystack.prompt_encoder(tokenizer)
+    )
+    training_ids = trained.prompt_ids(Example("q", "who wrote hamlet", ("shakespeare",), tuple(passages)), [0, 1, 2])
+
+    component = haystack.generator
+    component.warm_up()
+    seen, real_generate = [], component.pipeline.model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["input_ids"][0].tolist())
+        return real_generate(*args, **kwargs)
+
+    component.pipeline.model.generate = spy
+    messages = haystack.prompt_builder.run(question="who wrote hamlet", documents=[haystack._documents[p.id] for p in passages])
+    component.run(messages["prompt"])
+    assert seen == [training_ids]
 
 
 def _run_tree(pipeline_yaml, **pipeline):

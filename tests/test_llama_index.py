@@ -117,6 +117,43 @@ def _run_tree(factory: str, **extra):
     return tree | extra
 
 
+@pytest.mark.parametrize("name", ["tiny", "llama3", "qwen3"])
+def test_training_ids_are_the_ids_the_llm_reads(name, tiny_model_dir, real_tiny_model_dirs, tmp_path, write_config):
+    """HuggingFaceLLM's model receives exactly the prompt ids DRO trains on, for the tiny and both real tokenizers."""
+    from dro_plugins.config import load_config
+    from dro_plugins.generator import LMGenerator
+    from dro_plugins.models import load_pretrained
+    from llama_index.postprocessor.dro.engine import LlamaIndexPipeline
+
+    model_dir = tiny_model_dir if name == "tiny" else real_tiny_model_dirs[name]
+    factory = _write_factory(
+        tmp_path,
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from tests.test_llama_index import NODES, tiny_llm\n"
+        "from llama_index.core import VectorStoreIndex\nfrom llama_index.core.embeddings import MockEmbedding\n"
+        "def build():\n"
+        "    index = VectorStoreIndex(NODES, embed_model=MockEmbedding(embed_dim=8))\n"
+        f"    return index.as_query_engine(llm=tiny_llm({str(model_dir)!r}), similarity_top_k=3)\n",
+    )
+    pipeline = LlamaIndexPipeline(load_config(write_config(_run_tree(factory))))
+    query = "which passage is about oslo?"
+    passages = pipeline.retrieve(query, 3)
+    model, tokenizer = load_pretrained(str(model_dir), False, "generator.model")
+    trained = LMGenerator(model, tokenizer, 100, prompt=pipeline.prompt_renderer(tokenizer), encode=pipeline.prompt_encoder(tokenizer))
+    training_ids = trained.prompt_ids(Example("q", query, ("oslo",), tuple(passages)), [0, 1, 2])
+
+    seen, real_generate = [], pipeline.llm._model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["input_ids"][0].tolist())
+        return real_generate(*args, **kwargs)
+
+    pipeline.llm._model.generate = spy
+    pipeline.engine.query(query)
+    assert seen == [training_ids]
+
+
 @pytest.mark.parametrize(
     "body, message",
     [
@@ -130,6 +167,9 @@ def _run_tree(factory: str, **extra):
             "    return index.as_query_engine(llm=MockLLM())\n",
             r"the engine's LLM is a MockLLM, not a local HuggingFaceLLM.*swap it for HuggingFaceLLM.*train the selector alone",
         ),
+        ("def build():\n    raise RuntimeError('index missing')\n", r"your factory `.*factory\.py:build` raised RuntimeError: index missing \(.*factory\.py:2\)"),
+        ("def build(:\n", r"importing .*factory\.py failed: SyntaxError: .*\(.*factory\.py:1\)"),
+        ("import no_such_package_xyz\n", r"importing .*factory\.py failed: ModuleNotFoundError: No module named 'no_such_package_xyz'"),
     ],
 )
 def test_unusable_factories_get_one_clear_line(tmp_path, write_config, body, message):

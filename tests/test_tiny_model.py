@@ -21,3 +21,15 @@ def test_tiny_model_folder_loads_and_generates(tmp_path):
 
     again = CliRunner().invoke(app, ["tiny-model", str(folder)])
     assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_tiny_model_with_a_real_tokenizer(tmp_path, real_tokenizer_dirs):
+    folder = tmp_path / "tiny-llama3"
+    result = CliRunner().invoke(app, ["tiny-model", str(folder), "--tokenizer", str(real_tokenizer_dirs["llama3"])])
+    assert result.exit_code == 0, result.output
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.vocab_size == len(tokenizer) == 128256
+    assert "<|start_header_id|>" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    missing = CliRunner().invoke(app, ["tiny-model", str(tmp_path / "other"), "--tokenizer", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "tokenizer folder" in missing.output and "Traceback" not in missing.output

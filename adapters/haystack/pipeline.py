@@ -21,7 +21,8 @@ from haystack.utils.hf import convert_message_to_hf_format
 from dro_plugins.config import RunConfig
 from dro_plugins.data import Passage, load_corpus
 from dro_plugins.errors import PipelineError
-from dro_plugins.generator import PromptRenderer
+from dro_plugins.generator import PromptEncoder, PromptRenderer
+from dro_plugins.tokenization import encode_like_transformers_pipeline
 from dro_plugins.run import export_generator
 from haystack_integrations.components.rankers.dro.selector import DROSelector, document_to_passage
 
@@ -228,6 +229,10 @@ class HaystackPipeline:
             )
 
         return render
+
+    def prompt_encoder(self, tokenizer) -> PromptEncoder:
+        """``tokenizer(text)``, as the generator component tokenizes the rendered prompt when serving."""
+        return encode_like_transformers_pipeline(tokenizer)
 
     def export(self, run_dir: Path) -> Path:
         """Write ``<run_dir>/pipeline.yaml``: the pipeline with a DROSelector and the fine-tuned generator.

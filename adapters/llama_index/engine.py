@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import traceback
 from pathlib import Path
 
 from llama_index.core.llms import ChatMessage
@@ -20,7 +21,8 @@ from llama_index.llms.huggingface import HuggingFaceLLM
 from dro_plugins.config import RunConfig
 from dro_plugins.data import Passage
 from dro_plugins.errors import PipelineError
-from dro_plugins.generator import PromptRenderer
+from dro_plugins.generator import PromptEncoder, PromptRenderer
+from dro_plugins.tokenization import encode_like_transformers_pipeline
 from dro_plugins.run import export_generator
 from llama_index.postprocessor.dro.postprocessor import node_to_passage
 
@@ -43,11 +45,26 @@ def load_factory(spec: str):
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # pickling and dataclasses inside the app need the module registered
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's module failed to import: one line that says where
+        raise PipelineError(f"pipeline.llama_index: importing {path} failed: {_user_error(exc)}") from exc
     factory = getattr(module, name, None)
     if not callable(factory):
         raise PipelineError(f"pipeline.llama_index: {path} has no function '{name}'")
     return factory
+
+
+def _user_error(exc: BaseException) -> str:
+    """``Type: message`` of an exception from user code, with the file and line where it was raised."""
+    where = ""
+    if isinstance(exc, SyntaxError):
+        where = f" ({exc.filename}:{exc.lineno})"
+    elif exc.__traceback__ is not None:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f" ({frame.filename}:{frame.lineno})"
+    message = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {message}{where}"
 
 
 class LlamaIndexPipeline:
@@ -67,7 +84,11 @@ class LlamaIndexPipeline:
 
     def __init__(self, config: RunConfig):
         self.spec = config.pipeline.llama_index
-        engine = load_factory(self.spec)()
+        factory = load_factory(self.spec)
+        try:
+            engine = factory()
+        except Exception as exc:  # noqa: BLE001 - the user's code raised: name the factory, keep their message
+            raise PipelineError(f"pipeline.llama_index: your factory `{self.spec}` raised {_user_error(exc)}") from exc
         if not isinstance(engine, RetrieverQueryEngine):
             raise PipelineError(
                 f"pipeline.llama_index: {self.spec} returned a {type(engine).__name__}, not a RetrieverQueryEngine; "
@@ -123,6 +144,10 @@ class LlamaIndexPipeline:
             return llm._get_prompt(self.template, **arguments)
 
         return render
+
+    def prompt_encoder(self, tokenizer) -> PromptEncoder:
+        """``tokenizer(text)``, as the generator component tokenizes the rendered prompt when serving."""
+        return encode_like_transformers_pipeline(tokenizer)
 
     def export(self, run_dir: Path) -> Path:
         """Merge the fine-tuned generator into ``<run_dir>/generator-model`` (a plain Hugging Face folder).

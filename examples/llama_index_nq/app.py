@@ -61,6 +61,9 @@ def build_query_engine(run_dir: str | Path | None = None, corpus: Path = CORPUS,
     generator in ``run_dir/generator-model``.
     """
     generator = Path(run_dir) / "generator-model" if run_dir else GENERATOR
+    if not (generator / "config.json").is_file():
+        hint = "run `dro optimize config.yaml` first" if run_dir else f"write one with `dro tiny-model {generator}`"
+        raise FileNotFoundError(f"{generator}: no generator model there; {hint} (see README.md)")
     Settings.embed_model = embedding_model()  # set explicitly, so nothing falls back to OpenAI
     Settings.llm = HuggingFaceLLM(
         model_name=str(generator),
@@ -86,7 +89,11 @@ def main() -> None:
     parser.add_argument("question")
     parser.add_argument("--run", type=Path, default=HERE / "runs/llama_index_nq", help="run folder of dro optimize")
     args = parser.parse_args()
-    response = build_query_engine(args.run).query(args.question)
+    try:
+        engine = build_query_engine(args.run)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    response = engine.query(args.question)
     print("answer:", str(response).strip())
     for rank, source in enumerate(response.source_nodes, start=1):
         print(f"[{rank}] {source.node.metadata.get('title', '')}: {source.node.get_content()[:100]}")

@@ -1,0 +1,26 @@
+"""Deterministic crash points for the crash-safety tests: ``DRO_KILL_AT=name`` or ``name:n`` SIGKILLs the process
+the n-th time (default the first) the loop reaches the named point. Unset, a crash point does nothing.
+
+Named points: ``tiny-model-written``, ``warmup``, ``e-step``, ``samples-written``, ``m-step``, ``validation``,
+``metrics-appended``, ``checkpoint-written``, ``checkpoint-swap``, ``best-published``, ``report``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_reached: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process here if ``DRO_KILL_AT`` names this point (and its count is reached)."""
+    wanted = os.environ.get("DRO_KILL_AT")
+    if not wanted:
+        return
+    point, _, count = wanted.partition(":")
+    if point != name:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
