@@ -16,6 +16,8 @@ from dro_plugins.units import AdapterUnit
 
 # (question, passages in selection order) -> the text the generator reads, up to where its answer starts
 PromptRenderer = Callable[[str, Sequence[Passage]], str]
+# characters of a prompt's end that decide how an answer's tokens join it (BPE pre-tokens are far shorter)
+JOIN_CONTEXT = 64
 # prompt text -> the token ids serving feeds the model (special tokens as the serving framework adds them)
 PromptEncoder = Callable[[str], list[int]]
 
@@ -61,6 +63,7 @@ class LMGenerator:
         self.encode = encode or (lambda text: encode_prompt(tokenizer, text))
         self.chat = chat_format(tokenizer)
         self.stop_ids = stop_token_ids(tokenizer, self.chat)
+        self._targets: dict[tuple, list[int]] = {}
         if unit is None and hasattr(model, "peft_config"):
             unit = AdapterUnit(model, model.active_adapter)
         self.unit = unit
@@ -101,13 +104,22 @@ class LMGenerator:
         """Target tokens of an answer as the chat format writes it, end of turn included, so the model learns to stop.
 
         These are the trained ids whenever the prompt's ids are a prefix of the prompt and answer encoded together
-        (checked per sequence by :func:`dro_plugins.tokenization.encode_with_target`).
+        (checked by :meth:`sequence` through :func:`dro_plugins.tokenization.encode_with_target`).
         """
         return self.tokenizer.encode(self.chat.target_text(answer), add_special_tokens=False)
 
     def sequence(self, example: Example, permutation: Sequence[int]) -> tuple[list[int], list[int]]:
-        """Prompt ids and target ids of one scored sequence, prompt and answer encoded together."""
-        return encode_with_target(self.encode, self.tokenizer, self.prompt_text(example, permutation), self.chat.target_text(example.target))
+        """Prompt ids and target ids of one scored sequence, prompt and answer encoded together.
+
+        How the target joins the prompt depends only on the prompt's last characters, the same for every permutation
+        of a question; the joint encoding is therefore done once per (prompt ending, target) and cached.
+        """
+        prompt_text, target_text = self.prompt_text(example, permutation), self.chat.target_text(example.target)
+        key = (self.encode, prompt_text[-JOIN_CONTEXT:], target_text)
+        if key not in self._targets:
+            prompt, self._targets[key] = encode_with_target(self.encode, self.tokenizer, prompt_text, target_text)
+            return prompt, self._targets[key]
+        return self.encode(prompt_text), self._targets[key]
 
     def log_likelihood(self, batch: Sequence[Example], permutations: torch.Tensor) -> torch.Tensor:
         """Differentiable log p_G(y | x, d_z): the sum of answer-token log-probs, prompt tokens masked.
