@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+import tempfile
+import traceback
 import warnings
+from contextlib import contextmanager
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +21,7 @@ from rich.table import Table
 from dro_plugins.config import RunConfig, load_config
 from dro_plugins.data import load_examples, load_run_data
 from dro_plugins.errors import DROError
+from dro_plugins.files import atomic_write_text
 
 app = typer.Typer(
     help="Fine-tune a RAG pipeline's selector and generator end to end with DRO (arXiv 2505.03075).",
@@ -42,6 +48,53 @@ def _quiet_libraries() -> None:
 def _fail(message: str, code: int = 2):
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+DEBUG = {"on": False}
+# errors of the file system a user fixes (permissions, a full disk, a file where a folder should be)
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+
+
+@contextmanager
+def _reported(log_folder: Path | None = None):
+    """Every failure as one line: exit 2 for a problem the user fixes, 1 for an internal error (traceback to a log).
+
+    ``--debug`` shows the full traceback of internal errors instead.
+    """
+    try:
+        yield
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except DROError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        if exc.errno not in USER_OS_ERRORS or DEBUG["on"]:
+            raise
+        where = exc.filename or "the run folder"
+        _fail(f"cannot write {where}: {exc.strerror}; free disk space or fix the folder's permissions, then run again (it resumes)")
+    except Exception as exc:  # noqa: BLE001 - anything else is our bug: one line, traceback in a log file
+        if DEBUG["on"]:
+            raise
+        folder = log_folder if log_folder is not None and log_folder.is_dir() else Path(tempfile.gettempdir())
+        log = folder / "dro-error.log"
+        log.write_text(traceback.format_exc())
+        message = " ".join(str(exc).split())[:200]
+        _fail(f"internal error ({type(exc).__name__}: {message}); the traceback is in {log}; please report it", code=1)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"dro-plugins {package_version('dro-plugins')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks of internal errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+):
+    """Fine-tune a RAG pipeline's selector and generator end to end with DRO (arXiv 2505.03075)."""
+    DEBUG["on"] = debug
 
 
 def _progress() -> Progress:
@@ -135,6 +188,8 @@ def _check_resume(config: RunConfig, restart: bool) -> None:
     from dro_plugins.run import RunPaths
 
     paths = RunPaths(config.output_dir)
+    if paths.root.exists() and not paths.root.is_dir():
+        raise DROError(f"output_dir {paths.root} is a file, not a folder; set output_dir to a new folder")
     if restart:
         shutil.rmtree(paths.root, ignore_errors=True)
         return
@@ -171,6 +226,7 @@ def optimize(
     from dro_plugins.run import build_models
     from dro_plugins.trainer import DROTrainer, Interrupted
 
+    config = None
     try:
         config = load_config(config_path, overrides or [])
         train, validation = load_run_data(config)
@@ -193,8 +249,9 @@ def optimize(
     except Interrupted as exc:
         console.print(f"[yellow]{exc}[/]\nresume with: dro optimize {config_path}")
         raise typer.Exit(130)
-    except DROError as exc:
-        _fail(str(exc))
+    except Exception:  # noqa: BLE001 - reported as one line by _reported
+        with _reported(config.output_dir if config is not None else None):
+            raise
     console.print(_history_table(report["history"], config.dro.num_samples))
     best = report["validation"]
     console.print(
@@ -222,8 +279,9 @@ def validate(
         if config.pipeline is not None:
             _quiet_libraries()
             found = _describe_pipeline(_open_pipeline(config))
-    except DROError as exc:
-        _fail(str(exc))
+    except Exception:  # noqa: BLE001 - reported as one line by _reported
+        with _reported():
+            raise
     console.print(f"[green]ok[/]: {config_path} ({len(train)} training, {len(validation)} validation questions){found}")
 
 
@@ -248,10 +306,11 @@ def evaluate(
                 examples = _retrieve(config, pipeline, examples, _tracker(progress))
                 _use_pipeline_prompts(pipeline, generator)
             result = score(selector, generator, examples, config.eval_batch_size, _tracker(progress))
-    except DROError as exc:
-        _fail(str(exc))
-    out = Path(run_dir) / f"evaluation_{Path(data).stem}.json"
-    out.write_text(json.dumps({"data": str(data), **result}, indent=1))
+        out = Path(run_dir) / f"evaluation_{Path(data).stem}.json"
+        atomic_write_text(out, json.dumps({"data": str(data), **result}, indent=1))
+    except Exception:  # noqa: BLE001 - reported as one line by _reported
+        with _reported(Path(run_dir)):
+            raise
     table = Table(title=f"{data} ({len(examples)} questions)")
     for column in ("EM", "F1", f"recall@{config.selector.top_k}"):
         table.add_column(column, justify="right")
@@ -280,8 +339,9 @@ def tiny_model(
         _fail(f"{folder}: folder is not empty; pass a new folder")
     try:
         write_tiny_model(folder, seed=seed, tokenizer_dir=tokenizer)
-    except DROError as exc:
-        _fail(str(exc))
+    except Exception:  # noqa: BLE001 - reported as one line by _reported
+        with _reported():
+            raise
     console.print(f"tiny model written to {folder}")
 
 

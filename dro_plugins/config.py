@@ -192,7 +192,9 @@ class RunConfig(_Section):
     dro: DROConfig = Field(default_factory=DROConfig)
     output_dir: Path = Field(Path("runs/dro"), description="Run folder, relative to the current directory.")
     seed: int = Field(0, description="Seed for model init, sampling, batch order and dropout.")
-    device: str = Field("auto", description="'auto' (CUDA with bf16 when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="'auto' (CUDA with bf16 when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."
+    )
     eval_batch_size: int = Field(16, ge=1, description="Questions per batch at validation.")
 
     @model_validator(mode="after")
@@ -275,7 +277,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if not path.is_file():
         raise ConfigError(str(path), ["file not found; pass the path of a run config YAML"])
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [f"not UTF-8 text (byte {exc.object[exc.start]:#x}); save the file as UTF-8"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [f"not valid YAML: {exc}".replace("\n", " ")]) from exc
     if not isinstance(tree, dict):

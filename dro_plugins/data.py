@@ -39,14 +39,28 @@ class Example:
         return self.answers[0]
 
 
-def _passage(raw: dict, where: str) -> Passage:
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _text(raw: dict, field: str, where: str, default: str | None = None) -> str:
+    """A string field; numbers are taken as their text, anything else is an error naming the field."""
+    value = raw.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: '{field}' must be a string, got {_kind(value)}; fix the line or remove it")
+    return str(value)
+
+
+def _passage(raw: object, where: str) -> Passage:
     if not isinstance(raw, dict) or "text" not in raw:
         raise DataError(f"{where}: each passage needs at least a 'text' field")
     label = raw.get("has_answer", raw.get("is_gold"))
+    if label is not None and not isinstance(label, (bool, int)):
+        raise DataError(f"{where}: 'has_answer'/'is_gold' must be true or false, got {_kind(label)}")
     return Passage(
-        id=str(raw.get("id", "")),
-        title=str(raw.get("title", "")),
-        text=str(raw["text"]),
+        id=_text(raw, "id", where, ""),
+        title=_text(raw, "title", where, ""),
+        text=_text(raw, "text", where),
         has_answer=None if label is None else bool(label),
     )
 
@@ -71,15 +85,20 @@ def parse_example(raw: object, where: str, num_candidates: int, top_k: int, with
     for field in needed:
         if field not in raw:
             raise DataError(f"{where}: missing field '{field}'; each line needs {', '.join(needed)}")
-    qid = str(raw.get("id", where))
+    qid = _text(raw, "id", where, where)
+    question = _text(raw, "question", where)
     answers = raw["answers"]
     if isinstance(answers, str):
         answers = [answers]
+    if not isinstance(answers, list) or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers):
+        raise DataError(f"{where}: 'answers' must be a list of strings, got {_kind(answers)}; fix the line or remove it")
     answers = tuple(str(a) for a in answers if str(a).strip())
     if not answers:
         raise DataError(f"{where}: question '{qid}' has no answers; give at least one or remove the line")
     if not with_candidates:
-        return Example(id=qid, question=str(raw["question"]), answers=answers, candidates=())
+        return Example(id=qid, question=question, answers=answers, candidates=())
+    if not isinstance(raw["ctxs"], list):
+        raise DataError(f"{where}: 'ctxs' must be a list of passages, got {_kind(raw['ctxs'])}; fix the line or remove it")
     candidates = tuple(_passage(c, where) for c in raw["ctxs"][:num_candidates])
     if not candidates:
         raise DataError(f"{where}: question '{qid}' has no candidates in 'ctxs'; add passages or remove the line")
@@ -88,7 +107,30 @@ def parse_example(raw: object, where: str, num_candidates: int, top_k: int, with
             f"{where}: question '{qid}' has {len(candidates)} candidates but selector.top_k is {top_k}; "
             "lower selector.top_k or add candidates"
         )
-    return Example(id=qid, question=str(raw["question"]), answers=answers, candidates=candidates)
+    return Example(id=qid, question=question, answers=answers, candidates=candidates)
+
+
+def _json_lines(path: Path, hint: str):
+    """``(line number, decoded JSON)`` for each non-blank line of a UTF-8 JSON-lines file.
+
+    Raises:
+        DataError: the file is missing, a line is not UTF-8 or not JSON (the message names the line).
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; {hint}")
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#x} at column {exc.start + 1}); save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line") from None
 
 
 def load_examples(
@@ -102,21 +144,11 @@ def load_examples(
         DataError: the file is missing, a line is not JSON, or a question is unusable (the message names the line).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; point data.train/data.validation at a JSON-lines question file")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if max_examples is not None and len(examples) >= max_examples:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line")
-            examples.append(parse_example(raw, where, num_candidates, top_k, with_candidates))
+    for number, raw in _json_lines(path, "point data.train/data.validation at a JSON-lines question file"):
+        if max_examples is not None and len(examples) >= max_examples:
+            break
+        examples.append(parse_example(raw, f"{path}:{number}", num_candidates, top_k, with_candidates))
     if not examples:
         raise DataError(f"{path}: no questions found; the file is empty")
     return examples
@@ -129,19 +161,10 @@ def load_corpus(path: str | Path) -> list[Passage]:
         DataError: the file is missing or empty, or a line is not JSON or has no ``text`` (the message names the line).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; point documents at a JSON-lines corpus of {{id, title, text}}")
     passages = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line")
-            passage = _passage(raw, f"{path}:{number}")
-            passages.append(passage if passage.id else replace(passage, id=str(number)))
+    for number, raw in _json_lines(path, "point documents at a JSON-lines corpus of {id, title, text}"):
+        passage = _passage(raw, f"{path}:{number}")
+        passages.append(passage if passage.id else replace(passage, id=str(number)))
     if not passages:
         raise DataError(f"{path}: no passages found; the file is empty")
     return passages

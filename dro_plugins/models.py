@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from safetensors import SafetensorError
 from tokenizers import Tokenizer
 from tokenizers.decoders import WordPiece as WordPieceDecoder
 from tokenizers.models import WordPiece
@@ -188,7 +189,13 @@ def load_pretrained(name: str, trust_remote_code: bool, field: str, device: torc
         model = AutoModelForCausalLM.from_pretrained(
             name, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype, device_map=torch.device(device)
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
+        if Path(name).is_dir():
+            reason = " ".join(str(exc).split())[:200]
+            raise ModelLoadError(
+                f"{field}: cannot read the model in {name} ({type(exc).__name__}: {reason}); its files are damaged or "
+                "incomplete: write or download the folder again"
+            ) from exc
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         where = "not a local folder and not in the Hugging Face cache" + (" (HF_HUB_OFFLINE is set)" if offline else "")
         reason = str(exc).splitlines()[0][:200]
@@ -272,11 +279,22 @@ def add_lora(model: PreTrainedModel | PeftModel, lora: LoraConfig, name: str = "
 
 
 def load_lora(model: PreTrainedModel | PeftModel, adapter_dir: Path, name: str = "default", trainable: bool = False) -> PeftModel:
-    """Attach a saved LoRA adapter folder (``adapter_model.safetensors``) to ``model`` under ``name``."""
-    if isinstance(model, PeftModel):
-        model.load_adapter(adapter_dir, adapter_name=name, is_trainable=trainable)
-        return model
-    return PeftModel.from_pretrained(model, adapter_dir, adapter_name=name, is_trainable=trainable)
+    """Attach a saved LoRA adapter folder (``adapter_model.safetensors``) to ``model`` under ``name``.
+
+    Raises:
+        ModelLoadError: the folder is missing, damaged or does not fit the model.
+    """
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(adapter_dir, adapter_name=name, is_trainable=trainable)
+            return model
+        return PeftModel.from_pretrained(model, adapter_dir, adapter_name=name, is_trainable=trainable)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ModelLoadError(
+            f"{adapter_dir}: cannot load this LoRA adapter ({type(exc).__name__}: {reason}); the run folder is damaged or "
+            "was written for another model: re-run dro optimize (with --restart if it keeps failing)"
+        ) from exc
 
 
 def enable_gradient_checkpointing(model: PeftModel) -> None:
