@@ -261,7 +261,11 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError("--set", [f"'{item}' is not KEY=VALUE, e.g. dro.num_samples=4"])
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError("--set", [f"{key}: the value {raw!r} is not valid YAML; quote it, e.g. {key}='text'"]) from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
