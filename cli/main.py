@@ -6,6 +6,7 @@ import errno
 import json
 import shutil
 import tempfile
+import time
 import traceback
 import warnings
 from contextlib import contextmanager
@@ -105,39 +106,55 @@ def _progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        transient=True,
     )
 
 
 def _tracker(progress: Progress):
+    """Progress bars that stay on screen when done; without a terminal, one line per finished phase with its rate."""
+
     def track(iterable, description: str, total: int):
         task = progress.add_task(description, total=total)
-        try:
-            for item in iterable:
-                yield item
-                progress.advance(task)
-        finally:
-            progress.remove_task(task)
+        started = time.perf_counter()
+        for item in iterable:
+            yield item
+            progress.advance(task)
+        if not progress.console.is_terminal:
+            seconds = time.perf_counter() - started
+            progress.console.print(f"{description}: {total} in {seconds:.1f}s ({total / max(seconds, 1e-9):.1f}/s)", highlight=False)
 
     return track
 
 
 def _history_table(history: list[dict], num_samples: int) -> Table:
-    table = Table(title="validation per EM iteration")
-    for column in ("iteration", "stage", "EM", "F1", "recall", "ESS", "selector loss", "generator loss"):
+    """Validation per EM iteration; narrow enough for an 80-column terminal."""
+    table = Table(title="validation per EM iteration (log-lik: answer log-likelihood, nats)")
+    for column in ("it.", "stage", "EM", "F1", "recall", "log-lik", "ESS", "S loss", "G loss"):
         table.add_column(column, justify="right")
     for line in history:
         cell = lambda key, fmt="{:.3f}": fmt.format(line[key]) if key in line else "-"  # noqa: E731
         table.add_row(
             str(line["iteration"]),
-            line["stage"],
+            "before" if line["stage"] == "before_warmup" else "",
             cell("em"),
             cell("f1"),
             cell("recall"),
-            cell("ess", "{:.2f}/" + str(num_samples)),
-            cell("selector_loss"),
-            cell("generator_loss"),
+            cell("answer_log_likelihood", "{:.2f}"),
+            cell("ess", "{:.1f}/" + str(num_samples)),
+            cell("selector_loss", "{:.2f}"),
+            cell("generator_loss", "{:.2f}"),
         )
+    return table
+
+
+def _summary_table(report: dict, top_k: int) -> Table:
+    """Iteration 0 (after any warm-up, before DRO) against the best iteration."""
+    best, start = report["validation"], report["baseline"]
+    table = Table(title=f"before DRO vs the best iteration ({best['iteration']})")
+    for column in ("validation", "iteration 0", f"iteration {best['iteration']}", "change"):
+        table.add_column(column, justify="right")
+    names = {"em": "EM", "f1": "F1", "recall": f"recall@{top_k}", "answer_log_likelihood": "answer log-lik"}
+    for key, name in names.items():
+        table.add_row(name, f"{start[key]:.3f}", f"{best[key]:.3f}", f"{best[key] - start[key]:+.3f}")
     return table
 
 
@@ -253,11 +270,9 @@ def optimize(
         with _reported(config.output_dir if config is not None else None):
             raise
     console.print(_history_table(report["history"], config.dro.num_samples))
-    best = report["validation"]
-    console.print(
-        f"best: iteration {best['iteration']}  EM {best['em']:.3f}  F1 {best['f1']:.3f}  recall {best['recall']:.3f}\n"
-        f"run folder: {config.output_dir}"
-    )
+    console.print(_summary_table(report, config.selector.top_k))
+    console.print(f"{report['stop_reason']}; best by {report['metric_for_best']}: iteration {report['validation']['iteration']}")
+    console.print(f"run folder: {config.output_dir}")
 
 
 def _describe_pipeline(pipeline) -> str:

@@ -42,7 +42,7 @@ class LoopState:
         phase: "warmup", "e_step", "m_step" or "validate" within that iteration.
         batches_done: M-step batches already applied in this iteration.
         losses: this iteration's M-step losses per role, one per optimizer step (for the metrics line).
-        best_f1: best validation F1 so far; best_iteration: where it was reached.
+        best: the best iteration's (dro.metric_for_best, answer log-likelihood) so far; best_iteration: where.
         stale_iterations: iterations since the best one (early stopping).
         history: the metrics lines written so far.
         nan_batches: batches skipped for a non-finite loss, in total.
@@ -52,7 +52,7 @@ class LoopState:
     phase: str = "warmup"
     batches_done: int = 0
     losses: dict[str, list[float]] = field(default_factory=dict)
-    best_f1: float = -1.0
+    best: list[float] = field(default_factory=lambda: [float("-inf"), float("-inf")])
     best_iteration: int = 0
     stale_iterations: int = 0
     history: list[dict] = field(default_factory=list)

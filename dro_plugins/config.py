@@ -158,7 +158,14 @@ class DROConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(8, ge=1, description="Questions per M-step batch (each with num_samples permutations).")
     m_step_epochs: int = Field(1, ge=1, description="Passes over the E-step samples per M-step.")
-    patience: int = Field(2, ge=1, description="Stop after this many iterations without a better validation F1.")
+    patience: int = Field(2, ge=1, description="Stop after this many iterations without a better dro.metric_for_best.")
+    metric_for_best: Literal["f1", "em", "recall", "answer_log_likelihood"] = Field(
+        "f1",
+        description="Validation metric that picks the best iteration (its adapters are the run's result) and drives early "
+        "stopping; ties are broken by the validation answer log-likelihood, which moves even while F1 does not (as with "
+        "tiny random models), so a run that improves the generator's belief in the gold answer is not reported as "
+        "'best: iteration 0'.",
+    )
     train_selector: bool = Field(True, description="Update the selector in the M-step (Eq. 10).")
     train_generator: bool = Field(True, description="Update the generator in the M-step (Eq. 11).")
     weighting: Literal["importance", "uniform"] = Field(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+import torch
+
 from dro_plugins.batching import run_in_microbatches
 from dro_plugins.data import Example
 from dro_plugins.generator import LMGenerator
@@ -32,25 +34,33 @@ def evaluate(
         max_tokens: padded tokens per forward pass (``dro.max_tokens_per_microbatch``); None = no limit.
 
     Returns:
-        ``{"em", "f1", "recall", "predictions"}``: means over questions in [0, 1], and per-question
+        ``{"em", "f1", "recall", "answer_log_likelihood", "predictions"}``: EM, F1 and recall are means over questions in
+        [0, 1]; ``answer_log_likelihood`` is the mean log p_G(y | x, d_z) of the gold answer given the greedy selection
+        (nats per question), which moves even when no generated answer is right yet; per-question
         ``{"id", "prediction", "selected"}`` with 0-based candidate indices.
     """
-    em = f1 = recall = 0.0
+    em = f1 = recall = likelihood = 0.0
     predictions = []
     chunks = batches(examples, batch_size)
     for batch in track(chunks, "evaluate", len(chunks)):
         selected = run_in_microbatches(
             [selector.shape(ex, 1) for ex in batch], max_tokens, lambda micro: selector.select([batch[i] for i in micro])
         )
+        shapes = [generator.shape(ex, [picks]) for ex, picks in zip(batch, selected)]
         answers = run_in_microbatches(
-            [generator.shape(ex, [picks]) for ex, picks in zip(batch, selected)],
-            max_tokens,
-            lambda micro: generator.generate([batch[i] for i in micro], [selected[i] for i in micro]),
+            shapes, max_tokens, lambda micro: generator.generate([batch[i] for i in micro], [selected[i] for i in micro])
         )
+        with torch.no_grad():
+            likelihoods = run_in_microbatches(
+                shapes,
+                max_tokens,
+                lambda micro: generator.log_likelihood([batch[i] for i in micro], torch.tensor([[selected[i]] for i in micro]))[:, 0].tolist(),
+            )
+        likelihood += sum(likelihoods)
         for example, picks, answer in zip(batch, selected, answers):
             em += exact_match(answer, example.answers)
             f1 += f1_score(answer, example.answers)
             recall += selection_recall([example.candidates[i] for i in picks], example.answers)
             predictions.append({"id": example.id, "prediction": answer, "selected": picks})
     n = len(examples)
-    return {"em": em / n, "f1": f1 / n, "recall": recall / n, "predictions": predictions}
+    return {"em": em / n, "f1": f1 / n, "recall": recall / n, "answer_log_likelihood": likelihood / n, "predictions": predictions}

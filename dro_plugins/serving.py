@@ -75,11 +75,14 @@ def select_or_fallback(
     example = Example(id="query", question=query, answers=("",), candidates=tuple(passages))
     try:
         if constrained:
-            return selector.select([example], k)[0], None
-        text = selector.write([example], k, max_new_tokens)[0]
+            picked = list(selector.select([example], k)[0])
+            text = str(picked)
+        else:
+            text = selector.write([example], k, max_new_tokens)[0]
+            picked = parse_permutation(text, len(passages), k)
     except Exception as exc:  # noqa: BLE001 - serving falls back on any model failure, and says why
         return fallback, f"the selector failed ({type(exc).__name__}: {exc})"
-    picked = parse_permutation(text, len(passages), k)
-    if picked is None:
+    valid = picked is not None and len(picked) == k and len(set(picked)) == k and all(0 <= i < len(passages) for i in picked)
+    if not valid:
         return fallback, f"the selector wrote {text[:80]!r}, which does not name {k} distinct candidates [1]..[{len(passages)}]"
     return picked, None

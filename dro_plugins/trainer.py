@@ -399,7 +399,7 @@ class DROTrainer:
 
     def _record(self, state: LoopState, result: dict, iteration: int, stage: str = "dro") -> bool:
         """Append a metrics line (to the history and to metrics.jsonl); True when it is a new best F1 (stage "dro")."""
-        line = {"iteration": iteration, "stage": stage, **{k: result[k] for k in ("em", "f1", "recall")}}
+        line = {"iteration": iteration, "stage": stage, **{k: result[k] for k in ("em", "f1", "recall", "answer_log_likelihood")}}
         if iteration > 0:
             line.update(self._e_step_diagnostics(iteration))
             line.update({f"{role}_loss": sum(v) / len(v) for role, v in state.losses.items() if v})
@@ -417,8 +417,9 @@ class DROTrainer:
         )
         if stage != "dro":
             return False
-        if line["f1"] > state.best_f1:
-            state.best_f1, state.best_iteration, state.stale_iterations = line["f1"], iteration, 0
+        score = [line[self.config.dro.metric_for_best], line["answer_log_likelihood"]]
+        if score > state.best:  # lexicographic: the metric, then the answer log-likelihood
+            state.best, state.best_iteration, state.stale_iterations = score, iteration, 0
             return True
         state.stale_iterations += 1
         return False
@@ -462,10 +463,20 @@ class DROTrainer:
     def _write_report(self, state: LoopState) -> dict:
         dro_lines = [line for line in state.history if line["stage"] == "dro"]
         best = next(line for line in dro_lines if line["iteration"] == state.best_iteration)
+        dro = self.config.dro
+        early = state.stale_iterations >= dro.patience
+        keys = ("em", "f1", "recall", "answer_log_likelihood")
         report = {
-            "validation": {k: best[k] for k in ("em", "f1", "recall")} | {"iteration": best["iteration"]},
-            "baseline": {k: dro_lines[0][k] for k in ("em", "f1", "recall")},
-            "stopped": "early" if state.stale_iterations >= self.config.dro.patience else "completed",
+            "validation": {k: best[k] for k in keys} | {"iteration": best["iteration"]},
+            "baseline": {k: dro_lines[0][k] for k in keys},
+            "metric_for_best": dro.metric_for_best,
+            "stopped": "early" if early else "completed",
+            "stop_reason": (
+                f"stopped early after iteration {dro_lines[-1]['iteration']}: no better validation {dro.metric_for_best} "
+                f"(ties broken by answer log-likelihood) for {dro.patience} iterations (dro.patience)"
+                if early
+                else f"completed all {dro.iterations} iterations"
+            ),
             "nan_batches": state.nan_batches,
             "history": state.history,
         }

@@ -162,3 +162,21 @@ def test_optimize_the_nq_example_on_a_tiny_model_with_a_real_tokenizer(name, rea
 
     vocabulary = len(AutoTokenizer.from_pretrained(tmp_path / "run" / "base" / "selector"))
     assert vocabulary > 128_000  # the real tokenizer's vocabulary, not the built-in one
+
+
+def test_flat_f1_picks_the_best_answer_likelihood_and_says_it_stopped_early(write_config, tmp_path, monkeypatch):
+    config = musique_config(write_config, tmp_path, "flat", iterations=4)
+    scripted = iter([-5.0, -5.0, -4.0, -4.5, -4.6, -4.7])  # before warm-up, iterations 0..4: best is iteration 1
+
+    def validate(self):
+        return {"em": 0.0, "f1": 0.0, "recall": 0.5, "answer_log_likelihood": next(scripted), "seconds": 0.0, "predictions": []}
+
+    monkeypatch.setattr(DROTrainer, "_validate", validate)
+    result = CliRunner().invoke(app, ["optimize", str(config), "--set", "dro.patience=1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "flat" / "report.json").read_text())
+    assert report["validation"]["iteration"] == 1 and report["stopped"] == "early"
+    text = " ".join(result.output.split())
+    assert "stopped early after iteration 2" in text and "best by f1: iteration 1" in text
+    assert "+1.000" in text  # answer log-likelihood, iteration 0 (-5.0) -> best (-4.0)
+    assert all(len(line) <= 80 for line in result.output.splitlines())
