@@ -214,3 +214,13 @@ def test_optimize_on_the_example_factory_and_serve_in_a_fresh_process(tmp_path, 
     )
     assert served.returncode == 0, served.stderr[-2000:]
     assert served.stdout.split() == ["2", "str"]
+
+
+def test_example_app_without_its_generator_says_what_to_run(tmp_path):
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        import app as example_app
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    with pytest.raises(FileNotFoundError, match="run `dro optimize config.yaml` first"):
+        example_app.build_query_engine(run_dir=tmp_path / "no-run")

@@ -140,3 +140,12 @@ def test_tokenizers_without_pad_or_bos_load(real_tiny_model_dirs):
     assert tokenizer.pad_token is not None and llama.config.vocab_size == len(tokenizer)
     _, qwen = load_pretrained(str(real_tiny_model_dirs["qwen3"]), False, "generator.model")
     assert qwen.bos_token is None and qwen.pad_token == "<|endoftext|>"
+
+
+def test_a_chat_template_that_raises_is_one_line_naming_the_field(tiny_model_dir):
+    from dro_plugins.errors import ModelLoadError
+
+    model, tokenizer = load_pretrained(str(tiny_model_dir), False, "generator.model")
+    tokenizer.chat_template = "{{ raise_exception('no assistant turns here') }}"
+    with pytest.raises(ModelLoadError, match=r"generator\.model: the tokenizer's chat template fails .*no assistant turns here"):
+        LMGenerator(model, tokenizer, max_passage_words=6)
