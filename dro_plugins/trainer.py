@@ -235,20 +235,8 @@ class DROTrainer:
         lines, started = [], time.perf_counter()
         chunks = batches(self.train_set, dro.batch_size)
         for batch in self.track(chunks, f"E-step {iteration}", len(chunks)):
-            def sample(micro: list[int]):
-                drawn = self.selector.sample([batch[i] for i in micro], dro.num_samples, dro.temperature, seed)
-                return list(zip(drawn.permutations, drawn.log_probs))
-
-            drawn = self._in_microbatches("selector", batch, [self.selector.shape(ex, dro.num_samples) for ex in batch], sample)
-            permutations = torch.stack([p for p, _ in drawn])
-            log_probs = torch.stack([lp for _, lp in drawn])
-            with torch.no_grad():
-                log_likelihoods = torch.stack(
-                    self._in_microbatches(
-                        "generator", batch, self._shapes("generator", batch, permutations),
-                        lambda micro: self.generator.log_likelihood([batch[i] for i in micro], permutations[micro]).cpu(),
-                    )
-                )
+            permutations, log_probs = self._draw(batch, seed)
+            log_likelihoods = self._score(batch, permutations)
             weights = weigh(log_likelihoods)
             for b, example in enumerate(batch):
                 lines.append(
@@ -266,6 +254,26 @@ class DROTrainer:
         atomic_write_text(self._sample_file(iteration), "".join(json.dumps(line) + "\n" for line in lines))
         crash_point("samples-written")
         self.log(f"E-step {iteration}: {len(lines)} questions x {dro.num_samples} samples in {time.perf_counter() - started:.1f}s")
+
+    def _draw(self, batch: Sequence[Example], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """m permutations per question ``[B, m, k]`` and their selector log-probs ``[B, m]``, by micro-batch."""
+        dro = self.config.dro
+
+        def sample(micro: list[int]):
+            drawn = self.selector.sample([batch[i] for i in micro], dro.num_samples, dro.temperature, seed)
+            return list(zip(drawn.permutations, drawn.log_probs))
+
+        drawn = self._in_microbatches("selector", batch, [self.selector.shape(ex, dro.num_samples) for ex in batch], sample)
+        return torch.stack([p for p, _ in drawn]), torch.stack([lp for _, lp in drawn])
+
+    @torch.no_grad()
+    def _score(self, batch: Sequence[Example], permutations: torch.Tensor) -> torch.Tensor:
+        """log p_G(y | x, d_z) ``[B, m]`` of each sampled permutation (CPU), by micro-batch."""
+        rows = self._in_microbatches(
+            "generator", batch, self._shapes("generator", batch, permutations),
+            lambda micro: self.generator.log_likelihood([batch[i] for i in micro], permutations[micro]).cpu(),
+        )
+        return torch.stack(rows)
 
     def _sample_file(self, iteration: int) -> Path:
         return self.paths.samples / f"iteration_{iteration:03d}.jsonl"
