@@ -38,7 +38,7 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dro_plugins.config import LoraConfig  # noqa: E402
-from dro_plugins.models import add_lora, enable_gradient_checkpointing  # noqa: E402
+from dro_plugins.models import add_lora, enable_gradient_checkpointing, is_checkpointing  # noqa: E402
 from dro_plugins.packing import additive_mask, pack_shared_prefix  # noqa: E402
 
 SHAPES = {
@@ -142,7 +142,7 @@ def selector_paths(model, prompt: int, label: int, m: int) -> dict:
         )
 
     paths = {"separate": saved_bytes(model, separate), "packed": saved_bytes(model, packed)}
-    if not model.is_gradient_checkpointing:  # under checkpointing transformers turns the cache off: that path fails
+    if not is_checkpointing(model):  # under checkpointing transformers turns the cache off: that path fails
         paths["repeated cache"] = saved_bytes(model, repeated_cache)
     return paths
 

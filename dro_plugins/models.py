@@ -298,5 +298,18 @@ def load_lora(model: PreTrainedModel | PeftModel, adapter_dir: Path, name: str =
 
 
 def enable_gradient_checkpointing(model: PeftModel) -> None:
-    """Recompute each transformer block in the backward pass (non-reentrant, so frozen inputs need no grad)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Recompute each transformer block in the backward pass (non-reentrant, so frozen inputs need no grad).
+
+    transformers 5.2x renamed it ``activation_checkpointing_enable``; older releases only have the old name.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_checkpointing(model) -> bool:
+    """Whether gradient (activation) checkpointing is on, under either of transformers' names."""
+    value = getattr(model, "is_activation_checkpointing", None)
+    return bool(value if value is not None else getattr(model, "is_gradient_checkpointing", False))

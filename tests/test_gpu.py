@@ -13,7 +13,7 @@ import torch
 from dro_plugins.config import RunConfig
 from dro_plugins.data import write_examples
 from dro_plugins.evaluation import evaluate
-from dro_plugins.models import write_tiny_model
+from dro_plugins.models import is_checkpointing, write_tiny_model
 from dro_plugins.run import build_models, load_trained
 from dro_plugins.synthetic import make_dataset
 from dro_plugins.trainer import DROTrainer
@@ -46,7 +46,7 @@ def gpu_run(tmp_path_factory):
 def test_loop_runs_on_cuda_in_bf16_with_float32_adapters(gpu_run):
     _, trainer, report = gpu_run
     model = trainer.selector.model
-    assert model is trainer.generator.model and model.is_gradient_checkpointing  # one base; checkpointing on for CUDA
+    assert model is trainer.generator.model and is_checkpointing(model)  # one base; checkpointing on for CUDA
     dtypes = {("lora_" in n): p.dtype for n, p in model.named_parameters()}
     expected_base = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     assert dtypes == {True: torch.float32, False: expected_base}
