@@ -132,6 +132,7 @@ class LMSelector:
         logits = out.logits[:, -1:].expand(-1, num_samples, -1)  # every sample starts from the prompt's last position
         next_position = positions[:, -1:] + 1  # [B, 1]
         noise = None if noise is None else noise.to(device)
+        mask_dtype = compute_dtype(self.model)
         log_probs = torch.zeros(len(batch), num_samples, device=device)
         step = 0
         while True:
@@ -150,7 +151,7 @@ class LMSelector:
                         state.advance(token)
             if all(state.done for row in states for state in row):
                 break
-            mask = additive_mask(decode_step_mask(prompt_mask, num_samples, step), compute_dtype(self.model))
+            mask = additive_mask(decode_step_mask(prompt_mask, num_samples, step), mask_dtype)
             out = self.model(
                 input_ids=tokens, attention_mask=mask, position_ids=(next_position + step).expand(-1, num_samples),
                 cache=out.cache, use_cache=True,
