@@ -237,7 +237,7 @@ def optimize(
     """Train the selector and generator with DRO and write a run folder.
 
     Re-running the same command resumes an interrupted run from its last checkpoint. Ctrl-C stops after the
-    current batch and saves; a second Ctrl-C aborts at once.
+    current batch and saves; a second Ctrl-C aborts at once. `dro config` lists every config key with its default.
     """
     _quiet_libraries()
     from dro_plugins.run import build_models
@@ -332,6 +332,34 @@ def evaluate(
     table.add_row(f"{result['em']:.3f}", f"{result['f1']:.3f}", f"{result['recall']:.3f}")
     console.print(table)
     console.print(f"predictions: {out}")
+
+
+def config_keys(model: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field of the run config, sections expanded."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    rows = []
+    for name, field in model.model_fields.items():
+        sections = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if sections:  # a section, or an optional one such as pipeline
+            rows += config_keys(sections[0], f"{prefix}{name}.")
+            continue
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        rows.append((prefix + name, default, field.description or ""))
+    return rows
+
+
+@app.command("config")
+def config_help():
+    """Print every run-config key with its default and what it does (from the config schema)."""
+    table = Table(title="run config keys (set them in the YAML or with --set KEY=VALUE)")
+    for column in ("key", "default", "meaning"):
+        table.add_column(column, overflow="fold")
+    for key, default, description in config_keys():
+        table.add_row(key, default, description)
+    Console(width=max(120, console.width)).print(table)
 
 
 @app.command("tiny-model")

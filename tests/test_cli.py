@@ -180,3 +180,11 @@ def test_flat_f1_picks_the_best_answer_likelihood_and_says_it_stopped_early(writ
     assert "stopped early after iteration 2" in text and "best by f1: iteration 1" in text
     assert "+1.000" in text  # answer log-likelihood, iteration 0 (-5.0) -> best (-4.0)
     assert all(len(line) <= 80 for line in result.output.splitlines())
+
+
+def test_dro_config_lists_every_key_with_its_default():
+    result = CliRunner().invoke(app, ["config"])
+    assert result.exit_code == 0, result.output
+    for key in ("dro.max_tokens_per_microbatch", "dro.metric_for_best", "selector.gradient_checkpointing", "generator.tiny.tokenizer", "data.train", "pipeline.haystack"):
+        assert key in result.output
+    assert "16384" in result.output and "required" in result.output
