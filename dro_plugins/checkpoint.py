@@ -13,6 +13,7 @@ reported, never used silently.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -89,9 +90,9 @@ def save_checkpoint(folder: Path, state: LoopState, units: dict, optimizers: dic
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    buffer = staging / "optimizers.pt"
+    buffer = io.BytesIO()
     torch.save({"optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "rng": rng}, buffer)
-    atomic_write_bytes(buffer, buffer.read_bytes())  # fsync'd like every other file
+    atomic_write_bytes(staging / "optimizers.pt", buffer.getvalue())
     atomic_write_text(staging / "state.json", json.dumps(asdict(state), indent=1))
     files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
     atomic_write_text(staging / MARKER, json.dumps({name: _sha256(staging / name) for name in files}, indent=1))

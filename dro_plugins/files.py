@@ -10,12 +10,6 @@ import os
 from pathlib import Path
 
 
-def fsync_file(path: Path) -> None:
-    """Flush a written file's data to disk."""
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically (temp file + fsync + ``os.replace``)."""
     path = Path(path)

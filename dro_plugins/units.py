@@ -11,14 +11,13 @@ adapter, named after its role, and nothing else changes. Parameters are found by
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from dro_plugins.files import atomic_write_text, fsync_file
+from dro_plugins.files import atomic_write_bytes, atomic_write_text
 
 
 class AdapterUnit:
@@ -73,10 +72,7 @@ class AdapterUnit:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        partial = folder / "adapter_model.safetensors.partial"
-        save_file(weights, str(partial), metadata={"format": "pt"})
-        fsync_file(partial)
-        os.replace(partial, folder / "adapter_model.safetensors")
+        atomic_write_bytes(folder / "adapter_model.safetensors", save(weights, metadata={"format": "pt"}))
         config = self.model.peft_config[self.name].to_dict()
         config["target_modules"] = sorted(config["target_modules"]) if isinstance(config.get("target_modules"), (set, list)) else config.get("target_modules")
         config["inference_mode"] = True
