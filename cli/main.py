@@ -16,10 +16,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
-from dro_plugins.config import RunConfig, load_config
+from dro_plugins.config import RunConfig, load_config, local_model_path
 from dro_plugins.data import load_examples, load_run_data
 from dro_plugins.errors import DROError
 from dro_plugins.files import atomic_write_text
@@ -98,11 +101,20 @@ def main(
     DEBUG["on"] = debug
 
 
+class _RateColumn(ProgressColumn):
+    """Items per second of a task, in the task's unit ("questions" for E-step, M-step and validation)."""
+
+    def render(self, task) -> Text:
+        unit = task.fields.get("unit", "it")
+        return Text(f"{task.speed:.1f} {unit}/s" if task.speed else "", style="progress.data.speed")
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description:<14}"),
         BarColumn(),
         MofNCompleteColumn(),
+        _RateColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
@@ -110,17 +122,23 @@ def _progress() -> Progress:
 
 
 def _tracker(progress: Progress):
-    """Progress bars that stay on screen when done; without a terminal, one line per finished phase with its rate."""
+    """Progress bars that stay on screen when done; without a terminal, one line per finished phase with its rate.
 
-    def track(iterable, description: str, total: int):
-        task = progress.add_task(description, total=total)
+    ``track(iterable, description, total, size=None)``: with ``size`` (item -> questions in it), ``total`` counts
+    questions and the bar shows questions/s; otherwise it counts items.
+    """
+
+    def track(iterable, description: str, total: int, size=None):
+        unit = "it" if size is None else "q"
+        task = progress.add_task(description, total=total, unit=unit)
         started = time.perf_counter()
         for item in iterable:
             yield item
-            progress.advance(task)
+            progress.advance(task, 1 if size is None else size(item))
         if not progress.console.is_terminal:
             seconds = time.perf_counter() - started
-            progress.console.print(f"{description}: {total} in {seconds:.1f}s ({total / max(seconds, 1e-9):.1f}/s)", highlight=False)
+            line = f"{description}: {total} {'questions' if size else 'steps'} in {seconds:.1f}s ({total / max(seconds, 1e-9):.1f}/s)"
+            progress.console.print(line, highlight=False)
 
     return track
 
@@ -146,6 +164,33 @@ def _history_table(history: list[dict], num_samples: int) -> Table:
     return table
 
 
+def _throughput_table(history: list[dict]) -> Table | None:
+    """Per-phase throughput summed over the DRO iterations of this history; None when there is none."""
+    totals: dict[str, dict] = {}
+    for line in history:
+        if line["stage"] != "dro":
+            continue
+        for phase, figures in line.get("throughput", {}).items():
+            total = totals.setdefault(phase, {"seconds": 0.0, "questions": 0.0, "tokens": 0.0, "peak": None})
+            total["seconds"] += figures["seconds"]
+            total["questions"] += figures["questions_per_s"] * figures["seconds"]
+            total["tokens"] += (figures["tokens_per_s"] or 0) * figures["seconds"]
+            if figures["peak_memory_gib"] is not None:
+                total["peak"] = max(total["peak"] or 0.0, figures["peak_memory_gib"])
+    if not totals:
+        return None
+    table = Table(title="throughput per phase, all DRO iterations")
+    for column in ("phase", "seconds", "questions/s", "tokens/s", "peak GPU GiB"):
+        table.add_column(column, justify="right")
+    for phase, total in totals.items():
+        rate = 1 / total["seconds"] if total["seconds"] > 0 else 0.0
+        table.add_row(
+            phase.replace("_", "-"), f"{total['seconds']:.1f}", f"{total['questions'] * rate:.2f}",
+            f"{total['tokens'] * rate:,.0f}" if total["tokens"] else "-", "-" if total["peak"] is None else f"{total['peak']:.1f}",
+        )
+    return table
+
+
 def _summary_table(report: dict, top_k: int) -> Table:
     """Iteration 0 (after any warm-up, before DRO) against the best iteration."""
     best, start = report["validation"], report["baseline"]
@@ -158,8 +203,10 @@ def _summary_table(report: dict, top_k: int) -> Table:
     return table
 
 
-def _open_pipeline(config: RunConfig):
+def _open_pipeline(config: RunConfig, index_documents: bool = True):
     """The framework adapter for ``config.pipeline``, with the generator model taken from the pipeline.
+
+    ``index_documents=False`` (validation) checks ``documents`` without writing it into the pipeline's store.
 
     Raises:
         DROError: the framework is not installed, the pipeline is unusable, or ``generator.model`` names a
@@ -171,7 +218,7 @@ def _open_pipeline(config: RunConfig):
             from haystack_integrations.components.rankers.dro.pipeline import HaystackPipeline
         except ImportError as exc:
             raise DROError(f"pipeline.haystack needs Haystack ({exc.name} is missing): pip install 'dro-plugins[haystack]'") from exc
-        pipeline = HaystackPipeline(config)
+        pipeline = HaystackPipeline(config, index_documents)
     else:
         try:
             from llama_index.postprocessor.dro.engine import LlamaIndexPipeline
@@ -180,12 +227,13 @@ def _open_pipeline(config: RunConfig):
                 f"pipeline.llama_index needs LlamaIndex ({exc.name} is missing): pip install 'dro-plugins[llama-index]'"
             ) from exc
         pipeline = LlamaIndexPipeline(config)
-    if config.generator.model not in (None, pipeline.generator_model):
+    model = local_model_path(pipeline.generator_model, Path.cwd())
+    if config.generator.model not in (None, model):
         raise DROError(
-            f"generator.model is '{config.generator.model}' but the pipeline's generator uses '{pipeline.generator_model}'; "
+            f"generator.model is '{config.generator.model}' but the pipeline's generator uses '{model}'; "
             "remove generator.model (the pipeline names it)"
         )
-    config.generator.model = pipeline.generator_model
+    config.generator.model = model
     return pipeline
 
 
@@ -262,7 +310,7 @@ def optimize(
             )
             report = trainer.fit()
         if pipeline is not None:
-            console.print(f"optimized pipeline: {pipeline.export(config.output_dir)}")
+            console.print(f"{pipeline.exported}: {pipeline.export(config.output_dir)}")
     except Interrupted as exc:
         console.print(f"[yellow]{exc}[/]\nresume with: dro optimize {config_path}")
         raise typer.Exit(130)
@@ -270,15 +318,12 @@ def optimize(
         with _reported(config.output_dir if config is not None else None):
             raise
     console.print(_history_table(report["history"], config.dro.num_samples))
+    throughput = _throughput_table(report["history"])
+    if throughput is not None:
+        console.print(throughput)
     console.print(_summary_table(report, config.selector.top_k))
     console.print(f"{report['stop_reason']}; best by {report['metric_for_best']}: iteration {report['validation']['iteration']}")
     console.print(f"run folder: {config.output_dir}")
-
-
-def _describe_pipeline(pipeline) -> str:
-    units = {"retriever": "retriever_name", "prompt builder": "prompt_builder_name", "generator": "generator_name"}
-    named = [f"{unit} '{getattr(pipeline, attr)}'" for unit, attr in units.items() if hasattr(pipeline, attr)]
-    return f"; pipeline: {', '.join(named)}, generator model '{pipeline.generator_model}'"
 
 
 @app.command()
@@ -286,18 +331,25 @@ def validate(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Run config YAML.")],
     overrides: SetOption = None,
 ):
-    """Check a run config and its data files; exit 0 when usable, 2 with every problem listed otherwise."""
+    """Check a run config and its data files; exit 0 when usable, 2 with every problem listed otherwise.
+
+    With a pipeline, it is loaded and its retriever, prompt and generator are listed; no document is indexed and
+    no model weights are loaded where the framework allows it (a LlamaIndex factory runs as written: persist its
+    index, as examples/llama_index_nq does, and validation takes seconds).
+    """
     try:
         config = load_config(config_path, overrides or [])
         train, validation = load_run_data(config)
-        found = ""
+        components = []
         if config.pipeline is not None:
             _quiet_libraries()
-            found = _describe_pipeline(_open_pipeline(config))
+            components = _open_pipeline(config, index_documents=False).components()
     except Exception:  # noqa: BLE001 - reported as one line by _reported
         with _reported():
             raise
-    console.print(f"[green]ok[/]: {config_path} ({len(train)} training, {len(validation)} validation questions){found}")
+    console.print(f"[green]ok[/]: {config_path} ({len(train)} training, {len(validation)} validation questions)")
+    for line in components:
+        console.print(f"  pipeline {line}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -47,6 +47,7 @@ class LoopState:
         stale_iterations: iterations since the best one (early stopping).
         history: the metrics lines written so far.
         nan_batches: batches skipped for a non-finite loss, in total.
+        throughput: this iteration's :class:`dro_plugins.throughput.PhaseMeter` per phase so far, as dicts.
     """
 
     iteration: int = 0
@@ -58,6 +59,7 @@ class LoopState:
     stale_iterations: int = 0
     history: list[dict] = field(default_factory=list)
     nan_batches: int = 0
+    throughput: dict[str, dict] = field(default_factory=dict)
 
 
 def _sha256(path: Path) -> str:

@@ -63,7 +63,8 @@ class TinyModelConfig(_Section):
 class ModelConfig(_Section):
     model: str = Field(
         ...,
-        description="A Hugging Face model id, a local folder, or a built-in tiny model: " + ", ".join(TINY_MODELS) + ".",
+        description="A Hugging Face model id, a local folder (relative to the run config), or a built-in tiny model: "
+        + ", ".join(TINY_MODELS) + ".",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape when `model` is a tiny model.")
@@ -88,7 +89,8 @@ class GeneratorConfig(ModelConfig):
 
     model: str | None = Field(
         None,
-        description="A Hugging Face model id, a local folder, or a built-in tiny model: " + ", ".join(TINY_MODELS) + ". "
+        description="A Hugging Face model id, a local folder (relative to the run config), or a built-in tiny model: "
+        + ", ".join(TINY_MODELS) + ". "
         "Leave it out when `pipeline` is set: it is then taken from the pipeline's generator component.",
     )
 
@@ -279,7 +281,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a run config from YAML, apply overrides, validate, and resolve data paths.
 
-    Data paths are relative to the config file's folder; ``output_dir`` to the current directory.
+    Data paths are relative to the config file's folder; ``output_dir`` to the current directory; local model
+    folders as :func:`local_model_path`.
 
     Raises:
         ConfigError: the file is missing or not YAML, or fields are invalid (all problems listed at once).
@@ -306,6 +309,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if config.documents is not None:
         config.documents = (base / config.documents).resolve()
     for section in (config.selector, config.generator):
+        if section.model is not None:
+            section.model = local_model_path(section.model, base)
         if section.tiny.tokenizer is not None:
             section.tiny.tokenizer = (base / section.tiny.tokenizer).resolve()
     if config.pipeline is not None and config.pipeline.haystack is not None:
@@ -314,6 +319,20 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         file, sep, function = config.pipeline.llama_index.rpartition(":")
         config.pipeline.llama_index = f"{(base / file).resolve()}:{function}" if sep else config.pipeline.llama_index
     return config
+
+
+def local_model_path(model: str, base: Path) -> str:
+    """``model`` as an absolute path when it names a local folder, else unchanged (a hub id or a tiny model).
+
+    A relative folder is looked up beside the file that names it (``base``), then in the current directory, so a
+    run folder's saved config and adapters load from any working directory.
+    """
+    if model in TINY_MODELS or Path(model).is_absolute():
+        return model
+    for folder in (base / model, Path(model)):
+        if folder.is_dir():
+            return str(folder.resolve())
+    return model
 
 
 def dump_config(config: RunConfig) -> str:

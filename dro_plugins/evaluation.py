@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -10,6 +10,7 @@ from dro_plugins.batching import run_in_microbatches
 from dro_plugins.data import Example
 from dro_plugins.generator import LMGenerator
 from dro_plugins.metrics import exact_match, f1_score, selection_recall
+from dro_plugins.progress import Track, no_progress
 from dro_plugins.selector import LMSelector
 
 
@@ -23,14 +24,14 @@ def evaluate(
     generator: LMGenerator,
     examples: Sequence[Example],
     batch_size: int,
-    track: Callable[[Iterable, str, int], Iterable] = lambda it, _desc, _total: it,
+    track: Track = no_progress,
     max_tokens: int | None = None,
 ) -> dict:
     """Select greedily, answer greedily, and score.
 
     Args:
         batch_size: questions per progress step.
-        track: wraps the batch loop for progress display: ``track(iterable, description, total)``.
+        track: wraps the batch loop for progress display (:class:`dro_plugins.progress.Track`).
         max_tokens: padded tokens per forward pass (``dro.max_tokens_per_microbatch``); None = no limit.
 
     Returns:
@@ -42,7 +43,7 @@ def evaluate(
     em = f1 = recall = likelihood = 0.0
     predictions = []
     chunks = batches(examples, batch_size)
-    for batch in track(chunks, "evaluate", len(chunks)):
+    for batch in track(chunks, "evaluate", len(examples), size=len):
         selected = run_in_microbatches(
             [selector.shape(ex, 1) for ex in batch], max_tokens, lambda micro: selector.select([batch[i] for i in micro])
         )

@@ -7,7 +7,7 @@ run back into pipeline components. The core never imports an adapter; the CLI pi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +16,7 @@ from dro_plugins.data import Example, Passage
 from dro_plugins.errors import DataError
 from dro_plugins.generator import PromptEncoder, PromptRenderer
 from dro_plugins.metrics import passage_has_answer
+from dro_plugins.progress import Track, no_progress
 
 
 class TrainablePipeline(Protocol):
@@ -23,9 +24,14 @@ class TrainablePipeline(Protocol):
 
     Attributes:
         generator_model: HF id or local folder of the pipeline's generator model.
+        exported: what :meth:`export` writes, in words, for the line ``dro optimize`` prints.
     """
 
     generator_model: str
+    exported: str
+
+    def components(self) -> list[str]:
+        """The pipeline's trainable units as found, one short line each (printed by ``dro validate``)."""
 
     def retrieve(self, question: str, num_candidates: int) -> list[Passage]:
         """The retriever's top ``num_candidates`` passages for a question, best first."""
@@ -45,7 +51,7 @@ def attach_candidates(
     pipeline: TrainablePipeline,
     num_candidates: int,
     top_k: int,
-    track: Callable[[Iterable, str, int], Iterable] = lambda it, _desc, _total: it,
+    track: Track = no_progress,
 ) -> list[Example]:
     """Give each question the pipeline retriever's candidates, labelled ``has_answer`` by answer string match.
 
@@ -56,7 +62,7 @@ def attach_candidates(
         DataError: the retriever returns fewer than ``top_k`` passages for a question.
     """
     attached = []
-    for example in track(examples, "retrieve", len(examples)):
+    for example in track(examples, "retrieve", len(examples), size=lambda _example: 1):
         passages = pipeline.retrieve(example.question, num_candidates)
         if len(passages) < top_k:
             raise DataError(

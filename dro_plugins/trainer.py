@@ -10,9 +10,10 @@ import json
 import os
 import random
 import signal
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,19 +38,16 @@ from dro_plugins.objective import (
     uniform_weights,
     weight_entropy,
 )
+from dro_plugins.progress import Track, no_progress
 from dro_plugins.run import RunPaths
+from dro_plugins.throughput import PHASES, PhaseMeter, measure
 from dro_plugins.runtime import is_out_of_memory
 from dro_plugins.selector import LMSelector, question_seed
 
-Track = Callable[[Iterable, str, int], Iterable]
 
 
 class Interrupted(DROError):
     """Training stopped on request (Ctrl-C) after saving a checkpoint."""
-
-
-def _no_progress(iterable: Iterable, _description: str, _total: int) -> Iterable:
-    return iterable
 
 
 def _rng(*parts: int) -> torch.Generator:
@@ -100,7 +98,7 @@ class DROTrainer:
         train: Sequence[Example],
         validation: Sequence[Example],
         run_dir: Path,
-        track: Track = _no_progress,
+        track: Track = no_progress,
         log: Callable[[str], None] = lambda _line: None,
     ):
         self.config = config
@@ -118,6 +116,8 @@ class DROTrainer:
         self.consecutive_nan = 0
         self.phase = "start"
         self.warned_oversized: set[str] = set()
+        self.meters: dict[str, PhaseMeter] = {}  # this iteration's phases (dro_plugins.throughput)
+        self.tokens_planned = 0  # tokens of the questions' forward rows so far (Shape.tokens), for the meters
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -172,6 +172,7 @@ class DROTrainer:
         found = find_checkpoint(self.paths.checkpoint)
         if found is not None:
             state = load_checkpoint(found, self.units, self.optimizers)
+            self.meters = {phase: PhaseMeter.from_dict(saved) for phase, saved in state.throughput.items()}
             atomic_write_text(self.paths.metrics, "".join(json.dumps(line) + "\n" for line in state.history))
             self._publish_best(found)
             self.log(f"resuming at iteration {state.iteration}, phase {state.phase.replace('_', '-')}")
@@ -234,7 +235,7 @@ class DROTrainer:
         self.phase = f"E-step of iteration {iteration}"
         lines, started = [], time.perf_counter()
         chunks = batches(self.train_set, dro.batch_size)
-        for batch in self.track(chunks, f"E-step {iteration}", len(chunks)):
+        for batch in self.track(chunks, f"E-step {iteration}", len(self.train_set), size=len):
             permutations, log_probs = self._draw(batch, seed)
             log_likelihoods = self._score(batch, permutations)
             weights = weigh(log_likelihoods)
@@ -263,17 +264,27 @@ class DROTrainer:
             drawn = self.selector.sample([batch[i] for i in micro], dro.num_samples, dro.temperature, seed)
             return list(zip(drawn.permutations, drawn.log_probs))
 
-        drawn = self._in_microbatches("selector", batch, [self.selector.shape(ex, dro.num_samples) for ex in batch], sample)
+        with self._measure("sampling", len(batch)):
+            drawn = self._in_microbatches("selector", batch, [self.selector.shape(ex, dro.num_samples) for ex in batch], sample)
         return torch.stack([p for p, _ in drawn]), torch.stack([lp for _, lp in drawn])
 
     @torch.no_grad()
     def _score(self, batch: Sequence[Example], permutations: torch.Tensor) -> torch.Tensor:
         """log p_G(y | x, d_z) ``[B, m]`` of each sampled permutation (CPU), by micro-batch."""
-        rows = self._in_microbatches(
-            "generator", batch, self._shapes("generator", batch, permutations),
-            lambda micro: self.generator.log_likelihood([batch[i] for i in micro], permutations[micro]).cpu(),
-        )
+        with self._measure("scoring", len(batch)):
+            rows = self._in_microbatches(
+                "generator", batch, self._shapes("generator", batch, permutations),
+                lambda micro: self.generator.log_likelihood([batch[i] for i in micro], permutations[micro]).cpu(),
+            )
         return torch.stack(rows)
+
+    @contextmanager
+    def _measure(self, phase: str, questions: int):
+        """Time the enclosed work into this iteration's meter of ``phase``, with the tokens it planned."""
+        planned = self.tokens_planned
+        with measure(self.meters.setdefault(phase, PhaseMeter()), self.selector.device, questions, 0):
+            yield
+        self.meters[phase].tokens += self.tokens_planned - planned
 
     def _sample_file(self, iteration: int) -> Path:
         return self.paths.samples / f"iteration_{iteration:03d}.jsonl"
@@ -299,17 +310,18 @@ class DROTrainer:
             model.train()
         self.phase = f"M-step of iteration {iteration}"
         done = 0
-        for index in self.track(steps, f"M-step {iteration}", len(steps)):
+        for index in self.track(steps, f"M-step {iteration}", len(order), size=len):
             done += 1
             if done <= state.batches_done:  # resumed: these batches were applied before the interrupt
                 continue
             batch = [self.train_set[i] for i in index.tolist()]
             perms, w = permutations[index], weights[index]
-            for role in ("selector", "generator"):
-                if getattr(dro, f"train_{role}"):
-                    loss = self.step(role, batch, perms, w, self.optimizers[role], state)
-                    if loss is not None:
-                        state.losses.setdefault(role, []).append(loss)
+            with self._measure("m_step", len(batch)):
+                for role in ("selector", "generator"):
+                    if getattr(dro, f"train_{role}"):
+                        loss = self.step(role, batch, perms, w, self.optimizers[role], state)
+                        if loss is not None:
+                            state.losses.setdefault(role, []).append(loss)
             state.batches_done = done
             crash_point("m-step")
             if self.stop_requested:
@@ -374,11 +386,13 @@ class DROTrainer:
     def _plan(self, role: str, batch: Sequence[Example], permutations: torch.Tensor) -> list[list[int]]:
         shapes = self._shapes(role, batch, permutations)
         self._warn_oversized(role, batch, shapes)
+        self.tokens_planned += sum(shape.tokens for shape in shapes)
         return plan_microbatches(shapes, self.config.dro.max_tokens_per_microbatch)
 
     def _in_microbatches(self, role: str, batch: Sequence[Example], shapes: list[Shape], run) -> list:
         """``run(indices)`` per micro-batch of ``batch``; the per-question results in batch order."""
         self._warn_oversized(role, batch, shapes)
+        self.tokens_planned += sum(shape.tokens for shape in shapes)
         return run_in_microbatches(shapes, self.config.dro.max_tokens_per_microbatch, run)
 
     def _warn_oversized(self, role: str, batch: Sequence[Example], shapes: list[Shape]) -> None:
@@ -395,13 +409,12 @@ class DROTrainer:
     # ---- validation, records, report ------------------------------------------------------------
 
     def _validate(self) -> dict:
-        started = time.perf_counter()
         self.phase = "validation"
-        result = evaluate(
-            self.selector, self.generator, self.validation, self.config.eval_batch_size, self.track,
-            self.config.dro.max_tokens_per_microbatch,
-        )
-        result["seconds"] = time.perf_counter() - started
+        with self._measure("validation", len(self.validation)):
+            result = evaluate(
+                self.selector, self.generator, self.validation, self.config.eval_batch_size, self.track,
+                self.config.dro.max_tokens_per_microbatch,
+            )
         crash_point("validation")
         return result
 
@@ -412,7 +425,8 @@ class DROTrainer:
             line.update(self._e_step_diagnostics(iteration))
             line.update({f"{role}_loss": sum(v) / len(v) for role, v in state.losses.items() if v})
             line["nan_batches"] = state.nan_batches
-        line["validation_seconds"] = round(result["seconds"], 2)
+        line["throughput"] = {phase: self.meters[phase].summary() for phase in PHASES if phase in self.meters}
+        self.meters = {}
         state.history.append(line)
         with self.paths.metrics.open("a") as out:
             out.write(json.dumps(line) + "\n")
@@ -433,15 +447,19 @@ class DROTrainer:
         return False
 
     def _publish_best(self, checkpoint: Path) -> None:
-        """Copy the checkpoint's best adapters to the run folder's ``selector/`` and ``generator/``, file by file."""
+        """Copy the checkpoint's best adapters, with their tokenizer, to the run folder's ``selector/`` and
+        ``generator/``, file by file, so each folder loads on its own with ``AutoPeftModelForCausalLM``."""
+        tokenizers = {"selector": self.selector.tokenizer, "generator": self.generator.tokenizer}
         for role in self.units:
             source = checkpoint / "best" / role
             if not source.is_dir():
                 continue
             target = self.paths.adapter(role)
             target.mkdir(parents=True, exist_ok=True)
-            for file in sorted(source.iterdir()):
-                atomic_write_bytes(target / file.name, file.read_bytes())
+            with tempfile.TemporaryDirectory() as written:
+                tokenizers[role].save_pretrained(written)
+                for file in sorted(Path(written).iterdir()) + sorted(source.iterdir()):
+                    atomic_write_bytes(target / file.name, file.read_bytes())
             crash_point("best-published")
 
     def _e_step_diagnostics(self, iteration: int) -> dict:
@@ -464,6 +482,7 @@ class DROTrainer:
 
     def _checkpoint(self, state: LoopState, new_best: bool = False) -> None:
         """Save the loop state; with a new best iteration, its adapters go into the checkpoint, then the run folder."""
+        state.throughput = {phase: meter.to_dict() for phase, meter in self.meters.items()}
         save_checkpoint(self.paths.checkpoint, state, self.units, self.optimizers, new_best)
         if new_best:
             self._publish_best(self.paths.checkpoint)

@@ -67,7 +67,9 @@ class AdapterUnit:
     def save(self, folder: Path) -> None:
         """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder``, each file atomically.
 
-        The folder loads with ``PeftModel.from_pretrained(base, folder)`` like any peft adapter folder.
+        The folder loads with ``PeftModel.from_pretrained(base, folder)`` like any peft adapter folder, and with
+        ``AutoPeftModelForCausalLM.from_pretrained(folder)`` from any working directory: a local base model is
+        recorded by its absolute path, a hub id as it is.
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,9 @@ class AdapterUnit:
         config = self.model.peft_config[self.name].to_dict()
         config["target_modules"] = sorted(config["target_modules"]) if isinstance(config.get("target_modules"), (set, list)) else config.get("target_modules")
         config["inference_mode"] = True
+        base = config.get("base_model_name_or_path")
+        if base and Path(base).is_dir():  # peft resolves a relative folder against the working directory
+            config["base_model_name_or_path"] = str(Path(base).resolve())
         atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True, default=_jsonable))
 
 

@@ -41,6 +41,17 @@ def test_optimize_writes_the_run_folder_and_evaluate_scores_it(write_config, tmp
     assert [(l["iteration"], l["stage"]) for l in lines] == [(0, "before_warmup"), (0, "dro"), (1, "dro")]
     assert {"em", "f1", "recall", "ess", "weight_entropy", "evidence", "selector_loss", "generator_loss"} <= set(lines[-1])
     assert 1.0 <= lines[-1]["ess"] <= 2.0
+    # each line times the phases run since the previous one; an EM iteration has all four
+    assert set(lines[0]["throughput"]) == {"validation"} and set(lines[1]["throughput"]) == {"validation"}
+    phases = lines[-1]["throughput"]
+    assert list(phases) == ["sampling", "scoring", "m_step", "validation"]
+    trained = len((run / "samples/iteration_001.jsonl").read_text().splitlines())
+    for name, figures in phases.items():
+        assert figures["seconds"] > 0 and figures["peak_memory_gib"] is None  # CPU: no GPU memory figure
+        questions = 12 if name == "validation" else trained  # max_examples of each file; one M-step epoch
+        assert figures["questions_per_s"] == pytest.approx(questions / figures["seconds"], rel=0.05)
+        assert (figures["tokens_per_s"] is None) == (name == "validation")
+    assert "throughput per phase" in result.output and "m-step" in result.output
     report = json.loads((run / "report.json").read_text())
     assert set(report["validation"]) >= {"em", "f1", "recall"}
     assert len(report["history"]) == 3
@@ -140,7 +151,7 @@ def test_shared_base_with_microbatches_reaches_the_same_metrics(tmp_path, monkey
     for a, b in zip(lines["shared"], lines["separate"]):
         assert set(a) == set(b)
         for key, value in a.items():
-            if key.endswith("seconds"):
+            if key == "throughput":  # wall-clock figures
                 continue
             assert value == pytest.approx(b[key], abs=1e-4), key
 

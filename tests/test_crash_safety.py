@@ -64,7 +64,7 @@ def _optimize(root, name, kill_at=None):
 
 def _result(run):
     report = json.loads((run / "report.json").read_text())
-    strip = lambda line: {k: v for k, v in line.items() if not k.endswith("seconds")}  # noqa: E731
+    strip = lambda line: {k: v for k, v in line.items() if k != "throughput"}  # noqa: E731 - wall-clock figures
     report["history"] = [strip(line) for line in report["history"]]
     metrics = [strip(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
     adapters = {f"{role}/{f}": (run / role / f).read_bytes() for role in ("selector", "generator") for f in ("adapter_model.safetensors", "adapter_config.json")}

@@ -201,16 +201,45 @@ def test_optimize_writes_a_pipeline_that_loads_and_answers_in_a_fresh_process(tm
     assert written["components"]["dro_selector"]["init_parameters"]["top_k"] == 3
     assert written["components"]["retriever"]["init_parameters"]["top_k"] == 10
     assert {"sender": "dro_selector.documents", "receiver": "prompt_builder.documents"} in written["connections"]
-    model = written["components"]["llm"]["init_parameters"]["huggingface_pipeline_kwargs"]["model"]
-    assert model == str((tmp_path / "runs/haystack_nq/generator-model").resolve())
+    # model folders inside the run are relative to pipeline.yaml, so the run folder can move
+    assert written["components"]["llm"]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] == "generator-model"
+    assert written["components"]["dro_selector"]["init_parameters"]["model"] == "."
+    assert "optimized Haystack pipeline" in result.output
 
+    validated = runner.invoke(app, ["validate", "config.yaml", *sum((["--set", o] for o in overrides), [])])
+    assert validated.exit_code == 0, validated.output
+    assert "pipeline retriever 'retriever' (InMemoryBM25Retriever)" in validated.output
+    assert f"pipeline generator model {(tmp_path / 'models/generator').resolve()}" in validated.output
+
+    moved = tmp_path / "shared" / "moved-run"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "runs/haystack_nq", moved)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     answer = subprocess.run(
-        [sys.executable, "app.py", "who sang i will always love you", "--corpus", str(nq / "corpus.jsonl")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [sys.executable, str(tmp_path / "app.py"), "who sang i will always love you", "--corpus", str(nq / "corpus.jsonl"),
+         "--pipeline", str(moved / "pipeline.yaml")],
+        cwd=elsewhere, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert answer.returncode == 0, answer.stderr[-2000:]
     lines = answer.stdout.splitlines()
     assert lines[0].startswith("answer:") and [line[:3] for line in lines[1:]] == ["[1]", "[2]", "[3]"]
+    assert lines[0] != "answer:"  # an empty reply is explained, not printed as nothing
+
+    # the generator adapter, whose base is a folder outside the run, loads with peft alone from another directory
+    script = (
+        "import sys; from peft import AutoPeftModelForCausalLM; from transformers import AutoTokenizer\n"
+        "model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]); tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "print(type(model).__name__, len(tokenizer('who sang')['input_ids']) > 0)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script, str(moved / "generator")],
+        cwd=elsewhere, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.split() == ["PeftModelForCausalLM", "True"]
+    config, _, _ = load_trained(moved)  # and the whole run through dro's own loader (tiny selector base inside it)
+    assert config.generator.model == str((tmp_path / "models/generator").resolve())
 
 
 def test_merged_generator_matches_the_trained_adapter(tmp_path):

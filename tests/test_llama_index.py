@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -203,6 +204,15 @@ def test_optimize_on_the_example_factory_and_serve_in_a_fresh_process(tmp_path, 
     result = CliRunner().invoke(app, ["optimize", str(write_config(tree))])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "storage" / "docstore.json").is_file() and (tmp_path / "run" / "generator-model" / "config.json").is_file()
+    assert f"fine-tuned generator model (serve it with your factory's run_dir, see the example app): {tmp_path / 'run'}" in " ".join(result.output.split())
+
+    stored = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "storage").iterdir()}
+    started = time.monotonic()
+    validated = CliRunner().invoke(app, ["validate", str(write_config(tree))])
+    assert validated.exit_code == 0, validated.output
+    assert time.monotonic() - started < 60  # the stored index is loaded, not rebuilt (building embeds every passage)
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "storage").iterdir()} == stored
+    assert "pipeline retriever (VectorIndexRetriever" in validated.output and "pipeline generator (HuggingFaceLLM)" in validated.output
 
     script = (
         f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from factory import build\n"

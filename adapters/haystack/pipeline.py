@@ -10,17 +10,20 @@ at the fine-tuned weights.
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 
 from haystack import Document, Pipeline
 from haystack.dataclasses import ChatMessage
 from haystack.document_stores.in_memory import InMemoryDocumentStore
 from haystack.document_stores.types import DuplicatePolicy
+from haystack.marshal import YamlMarshaller
 from haystack.utils.hf import convert_message_to_hf_format
 
-from dro_plugins.config import RunConfig
+from dro_plugins.config import RunConfig, local_model_path
 from dro_plugins.data import Passage, load_corpus
 from dro_plugins.errors import PipelineError
+from dro_plugins.files import atomic_write_text
 from dro_plugins.generator import PromptEncoder, PromptRenderer
 from dro_plugins.tokenization import encode_like_transformers_pipeline
 from dro_plugins.run import export_generator
@@ -31,17 +34,53 @@ TRAINABLE_GENERATOR = "TransformersChatGenerator"
 PROMPT_BUILDERS = ("ChatPromptBuilder", "PromptBuilder")
 
 
-def load_pipeline(path: Path, allowed_modules: list[str]) -> Pipeline:
+class RelativeModelPaths(YamlMarshaller):
+    """Haystack's YAML marshaller, with components' local ``model`` folders relative to the YAML file's folder.
+
+    Writing, a ``model`` setting (at any depth of a component's ``init_parameters``) that is a folder inside
+    ``folder`` is written relative to it; reading, a relative one that names a folder there becomes absolute.
+    So a run folder's ``pipeline.yaml`` still loads after the folder is moved, from any working directory.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder).resolve()
+
+    def marshal(self, dict_: dict) -> str:
+        return super().marshal(_map_models(dict_, self._relative))
+
+    def unmarshal(self, data_) -> dict:
+        return _map_models(super().unmarshal(data_), lambda model: local_model_path(model, self.folder))
+
+    def _relative(self, model: str) -> str:
+        path = Path(model)
+        inside = path.is_absolute() and path.resolve().is_relative_to(self.folder)
+        return os.path.relpath(path.resolve(), self.folder) if inside else model
+
+
+def _map_models(tree, change):
+    """``tree`` with every string under a ``model`` key replaced by ``change(value)``."""
+    if isinstance(tree, dict):
+        return {k: change(v) if k == "model" and isinstance(v, str) else _map_models(v, change) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_map_models(v, change) for v in tree]
+    return tree
+
+
+def load_pipeline(path: Path, allowed_modules: list[str] = ()) -> Pipeline:
     """``Pipeline.load`` under Haystack's default allowlist plus ``allowed_modules``; never ``unsafe``.
+
+    Local model folders in the file are relative to the file's folder (:class:`RelativeModelPaths`), or to the
+    current directory as Haystack reads them.
 
     Raises:
         PipelineError: the file is missing or Haystack refuses to load it.
     """
+    path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: file not found; set pipeline.haystack to your pipeline YAML")
     try:
         with path.open(encoding="utf-8") as fp:
-            return Pipeline.load(fp, allowed_modules=allowed_modules or None)
+            return Pipeline.load(fp, marshaller=RelativeModelPaths(path.parent), allowed_modules=list(allowed_modules) or None)
     except Exception as exc:  # noqa: BLE001 - Haystack raises several types; each becomes one clear line
         reason = " ".join(str(exc).split())[:300]
         raise PipelineError(
@@ -60,6 +99,7 @@ class HaystackPipeline:
     Args:
         config: the run config (``pipeline.haystack`` set; ``pipeline.retriever``/``prompt_builder``/``generator``
             name components when the graph is ambiguous; ``documents`` fills an in-memory store).
+        index_documents: write ``documents`` into the store now; False only checks that it could (``dro validate``).
 
     Attributes:
         pipeline: the loaded Haystack pipeline (the file on disk is never written).
@@ -70,7 +110,9 @@ class HaystackPipeline:
             not exist, or the prompt builder cannot render with a question and documents.
     """
 
-    def __init__(self, config: RunConfig):
+    exported = "optimized Haystack pipeline (load it with load_pipeline)"
+
+    def __init__(self, config: RunConfig, index_documents: bool = True):
         settings = config.pipeline
         self.path = Path(settings.haystack)
         self.allowed_modules = list(settings.allowed_modules)
@@ -98,8 +140,17 @@ class HaystackPipeline:
         self._documents: dict[str, Document] = {}
         self._query_embedder = self._query_input()
         self.prompt_text("test question", [Passage(id="test", title="title", text="text")])  # fail early, not mid-run
-        if config.documents is not None:
+        if config.documents is not None and index_documents:
             self.index(config.documents)
+        elif config.documents is not None:  # validation: the store can take the corpus and the corpus reads
+            self._in_memory_store()
+            load_corpus(config.documents)
+
+    def components(self) -> list[str]:
+        """The trainable units found in the graph, as ``role 'name' (Class)`` lines."""
+        units = (("retriever", self.retriever_name), ("prompt builder", self.prompt_builder_name), ("generator", self.generator_name))
+        named = [f"{role} '{name}' ({_class_name(self.pipeline.get_component(name))})" for role, name in units]
+        return named + [f"generator model {self.generator_model}"]
 
     def _names(self) -> str:
         return ", ".join(self.serialized["components"])
@@ -177,14 +228,17 @@ class HaystackPipeline:
             PipelineError: the store is not an in-memory store, or the retriever needs embedded documents.
             DataError: the corpus file is unreadable.
         """
+        documents = [Document(id=p.id, content=p.text, meta={"title": p.title}) for p in load_corpus(corpus)]
+        return self._in_memory_store().write_documents(documents, policy=DuplicatePolicy.OVERWRITE)
+
+    def _in_memory_store(self) -> InMemoryDocumentStore:
         store = getattr(self.retriever, "document_store", None)
         if not isinstance(store, InMemoryDocumentStore) or self._query_embedder is not None:
             raise PipelineError(
                 f"documents: the retriever '{self.retriever_name}' does not search an in-memory store by text, so it cannot "
                 "be filled from a corpus file; index your documents into its store yourself and remove documents:"
             )
-        documents = [Document(id=p.id, content=p.text, meta={"title": p.title}) for p in load_corpus(corpus)]
-        return store.write_documents(documents, policy=DuplicatePolicy.OVERWRITE)
+        return store
 
     def retrieve(self, question: str, num_candidates: int) -> list[Passage]:
         """The retriever's top ``num_candidates`` documents for ``question``, as passages, best first."""
@@ -237,8 +291,9 @@ class HaystackPipeline:
     def export(self, run_dir: Path) -> Path:
         """Write ``<run_dir>/pipeline.yaml``: the pipeline with a DROSelector and the fine-tuned generator.
 
-        The generator is merged into its base model in ``<run_dir>/generator-model``; both the selector's run folder
-        and that model are referenced by absolute path. The retriever returns ``data.num_candidates`` documents, the
+        The generator is merged into its base model in ``<run_dir>/generator-model``; the selector (the run folder,
+        ``.``) and that model are referenced relative to the file (:class:`RelativeModelPaths`), so the run folder
+        can be moved; load it with :func:`load_pipeline`. The retriever returns ``data.num_candidates`` documents, the
         selector keeps ``selector.top_k``.
 
         Raises:
@@ -262,5 +317,5 @@ class HaystackPipeline:
         ]
         optimized = Pipeline.from_dict(tree, allowed_modules=self.allowed_modules or None)
         out = run_dir / "pipeline.yaml"
-        out.write_text(optimized.dumps(), encoding="utf-8")
+        atomic_write_text(out, optimized.dumps(marshaller=RelativeModelPaths(run_dir)))
         return out

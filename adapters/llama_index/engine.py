@@ -82,6 +82,8 @@ class LlamaIndexPipeline:
             engine's LLM is not a local Hugging Face model.
     """
 
+    exported = "fine-tuned generator model (serve it with your factory's run_dir, see the example app)"
+
     def __init__(self, config: RunConfig):
         self.spec = config.pipeline.llama_index
         factory = load_factory(self.spec)
@@ -111,6 +113,16 @@ class LlamaIndexPipeline:
             )
         self.generator_model = self.llm.model_name
         self._nodes: dict = {}
+
+    def components(self) -> list[str]:
+        """The trainable units found in the engine, as ``role (Class)`` lines."""
+        top_k = getattr(self.retriever, "similarity_top_k", None)
+        return [
+            f"retriever ({type(self.retriever).__name__}{f', similarity_top_k={top_k}' if top_k else ''})",
+            f"QA template ({QA_TEMPLATE})",
+            f"generator ({type(self.llm).__name__})",
+            f"generator model {self.generator_model}",
+        ]
 
     def retrieve(self, question: str, num_candidates: int) -> list[Passage]:
         """The retriever's top ``num_candidates`` nodes for ``question``, as passages, best first."""

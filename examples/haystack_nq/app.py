@@ -12,17 +12,24 @@ from pathlib import Path
 
 import transformers
 from haystack import Document, Pipeline
+from haystack_integrations.components.rankers.dro import load_pipeline
 
 from dro_plugins.data import load_corpus
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "../../../shared/data/nq/corpus.jsonl"
+EMPTY_ANSWER = (
+    "(none: the generator wrote no text. A tiny model with random weights often ends its answer at once; "
+    "train longer, or set the pipeline's generator to a real model, see README.md)"
+)
 
 
 def load_optimized(pipeline_yaml: Path, corpus: Path) -> Pipeline:
-    """Load the optimized pipeline (default allowlist, no unsafe flag) and fill its in-memory store from the corpus."""
-    with pipeline_yaml.open(encoding="utf-8") as fp:
-        pipeline = Pipeline.load(fp)
+    """Load the optimized pipeline (default allowlist, no unsafe flag) and fill its in-memory store from the corpus.
+
+    ``load_pipeline`` reads the run folder's model paths relative to the YAML file, so the run folder can be moved.
+    """
+    pipeline = load_pipeline(pipeline_yaml)
     store = pipeline.get_component("retriever").document_store
     store.write_documents([Document(id=p.id, content=p.text, meta={"title": p.title}) for p in load_corpus(corpus)])
     return pipeline
@@ -39,7 +46,8 @@ def main() -> None:
     pipeline = load_optimized(args.pipeline, args.corpus)
     # flat inputs go to every component with that input: retriever.query, dro_selector.query, prompt_builder.question
     result = pipeline.run({"query": args.question, "question": args.question}, include_outputs_from={"dro_selector"})
-    print("answer:", result["llm"]["replies"][0].text)
+    answer = (result["llm"]["replies"][0].text or "").strip()
+    print("answer:", answer or EMPTY_ANSWER)
     for rank, document in enumerate(result["dro_selector"]["documents"], start=1):
         print(f"[{rank}] {document.meta.get('title', '')}: {document.content[:100]}")
 

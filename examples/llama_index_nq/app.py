@@ -29,6 +29,10 @@ STORAGE = HERE / "storage"
 GENERATOR = HERE / "models/generator"  # write it with: dro tiny-model models/generator
 CANDIDATES = 10  # retrieved per question: the selector's candidates
 TOP_K = 5  # answered from, without a selector
+EMPTY_ANSWER = (
+    "(none: the generator wrote no text. A tiny model with random weights often ends its answer at once; "
+    "train longer, or give the engine a real HuggingFaceLLM model, see README.md)"
+)
 QA_TEMPLATE = PromptTemplate(
     "Answer the question with a short phrase, using the passages.\n\n{context_str}\n\nQuestion: {query_str}"
 )
@@ -94,7 +98,10 @@ def main() -> None:
     except FileNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from None
     response = engine.query(args.question)
-    print("answer:", str(response).strip())
+    answer = str(response).strip()
+    if answer in ("", "Empty Response"):  # LlamaIndex's text when the LLM wrote nothing
+        answer = EMPTY_ANSWER
+    print("answer:", answer)
     for rank, source in enumerate(response.source_nodes, start=1):
         print(f"[{rank}] {source.node.metadata.get('title', '')}: {source.node.get_content()[:100]}")
 
