@@ -22,10 +22,13 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from dro_plugins.attribution import CLASSES
 from dro_plugins.config import RunConfig, load_config, local_model_path
 from dro_plugins.data import load_examples, load_run_data
 from dro_plugins.errors import DROError
 from dro_plugins.files import atomic_write_text
+from dro_plugins.progress import no_progress
+from dro_plugins.throughput import PHASES
 
 app = typer.Typer(
     help="Fine-tune a RAG pipeline's selector and generator end to end with DRO (arXiv 2505.03075).",
@@ -182,13 +185,37 @@ def _throughput_table(history: list[dict]) -> Table | None:
     table = Table(title="throughput per phase, all DRO iterations")
     for column in ("phase", "seconds", "questions/s", "tokens/s", "peak GPU GiB"):
         table.add_column(column, justify="right")
-    for phase, total in totals.items():
+    for phase, total in sorted(totals.items(), key=lambda item: PHASES.index(item[0])):
         rate = 1 / total["seconds"] if total["seconds"] > 0 else 0.0
         table.add_row(
             phase.replace("_", "-"), f"{total['seconds']:.1f}", f"{total['questions'] * rate:.2f}",
             f"{total['tokens'] * rate:,.0f}" if total["tokens"] else "-", "-" if total["peak"] is None else f"{total['peak']:.1f}",
         )
     return table
+
+
+def _attribution_table(history: list[dict]) -> Table:
+    """Share of validation questions per failure class (dro_plugins.attribution), iteration 0 against the last."""
+    lines = [line for line in history if line["stage"] == "dro" and "attribution" in line]
+    first, last = lines[0], lines[-1]
+    table = Table(title="where validation answers fail (share of questions)")
+    for column in ("class", f"iteration {first['iteration']}", f"iteration {last['iteration']}", "change"):
+        table.add_column(column, justify="right")
+    for name in CLASSES:
+        before, after = first["attribution"][name], last["attribution"][name]
+        table.add_row(name.replace("_", " "), f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
+    return table
+
+
+def _draw_plots(run_dir: Path) -> None:
+    from dro_plugins.plots import draw
+
+    try:
+        written = draw(run_dir)
+    except DROError as exc:
+        console.print(str(exc), highlight=False)
+        return
+    console.print(f"plots ({', '.join(p.stem.replace('_', '-') for p in written)}): {written[0].parent}")
 
 
 def _summary_table(report: dict, top_k: int) -> Table:
@@ -321,6 +348,8 @@ def optimize(
     throughput = _throughput_table(report["history"])
     if throughput is not None:
         console.print(throughput)
+    console.print(_attribution_table(report["history"]))
+    _draw_plots(config.output_dir)
     console.print(_summary_table(report, config.selector.top_k))
     console.print(f"{report['stop_reason']}; best by {report['metric_for_best']}: iteration {report['validation']['iteration']}")
     console.print(f"run folder: {config.output_dir}")
@@ -379,11 +408,69 @@ def evaluate(
         with _reported(Path(run_dir)):
             raise
     table = Table(title=f"{data} ({len(examples)} questions)")
-    for column in ("EM", "F1", f"recall@{config.selector.top_k}"):
+    for column in ("EM", "F1", f"recall@{config.selector.top_k}", *(c.replace("_", " ") for c in CLASSES[1:])):
         table.add_column(column, justify="right")
-    table.add_row(f"{result['em']:.3f}", f"{result['f1']:.3f}", f"{result['recall']:.3f}")
+    shares = [f"{result['attribution'][c]:.3f}" for c in CLASSES[1:]]
+    table.add_row(f"{result['em']:.3f}", f"{result['f1']:.3f}", f"{result['recall']:.3f}", *shares)
     console.print(table)
     console.print(f"predictions: {out}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder written by dro optimize.")]):
+    """Re-draw a run's plots/ from its metrics.jsonl and print the best iteration against iteration 0."""
+    from dro_plugins.plots import read_metrics
+    from dro_plugins.run import RunPaths, saved_config
+
+    try:
+        config = saved_config(run_dir)
+        history = read_metrics(run_dir)
+        paths = RunPaths(run_dir)
+        finished = json.loads(paths.report.read_text()) if paths.report.is_file() else None
+    except Exception:  # noqa: BLE001 - reported as one line by _reported
+        with _reported():
+            raise
+    console.print(_history_table(history, config.dro.num_samples))
+    if finished is None:
+        console.print(f"{run_dir}: no report.json yet (the run has not finished); the table shows what it has done")
+    else:
+        console.print(_summary_table(finished, config.selector.top_k))
+        console.print(f"{finished['stop_reason']}; best by {finished['metric_for_best']}: iteration {finished['validation']['iteration']}")
+    if any(line["stage"] == "dro" and "attribution" in line for line in history):
+        console.print(_attribution_table(history))
+    _draw_plots(Path(run_dir))
+
+
+@app.command()
+def inspect(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder written by dro optimize.")],
+    question: Annotated[str, typer.Option("--question", help="A question id of the run's training or validation file.")],
+    iteration: Annotated[int | None, typer.Option(help="E-step iteration to show. Default: the best iteration.")] = None,
+    device: Annotated[str | None, typer.Option(help="Override the run's device, e.g. cpu.")] = None,
+):
+    """One question through every stage: its candidates (which hold the answer), the m permutations sampled at an
+    iteration with their importance weights and generator log-likelihoods, the best iteration's greedy selection,
+    and the generator's answer."""
+    _quiet_libraries()
+    from dro_plugins.cli.inspection import find_question, pick_iteration, samples_of, view
+    from dro_plugins.run import load_trained, saved_config
+
+    try:
+        run_dir = Path(run_dir)
+        example, split = find_question(saved_config(run_dir), question)  # before loading models: fail fast
+        shown = pick_iteration(run_dir, iteration)
+        config, selector, generator = load_trained(run_dir, device)
+        if config.pipeline is not None:
+            pipeline = _open_pipeline(config)
+            example = _retrieve(config, pipeline, [example], no_progress)[0]
+            _use_pipeline_prompts(pipeline, generator)
+        samples = samples_of(run_dir, shown, question) if shown is not None and split == "train" else None
+        selected = selector.select([example])[0]
+        answer = generator.generate([example], [selected])[0]
+    except Exception:  # noqa: BLE001 - reported as one line by _reported
+        with _reported():
+            raise
+    console.print(view(example, split, shown, samples, selected, answer))
 
 
 def config_keys(model: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -205,6 +205,12 @@ class RunConfig(_Section):
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="'auto' (CUDA with bf16 when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."
     )
     eval_batch_size: int = Field(16, ge=1, description="Questions per batch at validation.")
+    report_to: Literal["auto", "none", "tensorboard", "wandb"] = Field(
+        "auto",
+        description="Experiment tracker for the metrics of every iteration and the M-step losses of every optimizer "
+        "step: tensorboard (event files in <output_dir>/tensorboard), wandb (WANDB_MODE=offline respected), none; "
+        "auto = tensorboard when installed, else none.",
+    )
 
     @model_validator(mode="after")
     def _generator_model_named(self) -> RunConfig:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dro_plugins.attribution import failure_class, fractions
 from dro_plugins.batching import run_in_microbatches
 from dro_plugins.data import Example
 from dro_plugins.generator import LMGenerator
@@ -35,10 +36,11 @@ def evaluate(
         max_tokens: padded tokens per forward pass (``dro.max_tokens_per_microbatch``); None = no limit.
 
     Returns:
-        ``{"em", "f1", "recall", "answer_log_likelihood", "predictions"}``: EM, F1 and recall are means over questions in
-        [0, 1]; ``answer_log_likelihood`` is the mean log p_G(y | x, d_z) of the gold answer given the greedy selection
-        (nats per question), which moves even when no generated answer is right yet; per-question
-        ``{"id", "prediction", "selected"}`` with 0-based candidate indices.
+        ``{"em", "f1", "recall", "answer_log_likelihood", "attribution", "predictions"}``: EM, F1 and recall are means
+        over questions in [0, 1]; ``answer_log_likelihood`` is the mean log p_G(y | x, d_z) of the gold answer given the
+        greedy selection (nats per question), which moves even when no generated answer is right yet;
+        ``attribution`` the share of questions per :mod:`dro_plugins.attribution` class; per-question
+        ``{"id", "prediction", "selected", "failure"}`` with 0-based candidate indices and the question's class.
     """
     em = f1 = recall = likelihood = 0.0
     predictions = []
@@ -62,6 +64,9 @@ def evaluate(
             em += exact_match(answer, example.answers)
             f1 += f1_score(answer, example.answers)
             recall += selection_recall([example.candidates[i] for i in picks], example.answers)
-            predictions.append({"id": example.id, "prediction": answer, "selected": picks})
+            predictions.append({"id": example.id, "prediction": answer, "selected": picks, "failure": failure_class(example, picks, answer)})
     n = len(examples)
-    return {"em": em / n, "f1": f1 / n, "recall": recall / n, "answer_log_likelihood": likelihood / n, "predictions": predictions}
+    return {
+        "em": em / n, "f1": f1 / n, "recall": recall / n, "answer_log_likelihood": likelihood / n,
+        "attribution": fractions([p["failure"] for p in predictions]), "predictions": predictions,
+    }

@@ -166,7 +166,12 @@ def build_models(config: RunConfig, run_dir: Path, adapters: Path | None = None,
     return make_selector(config, units["selector"], tokenizer), make_generator(config, units["generator"], tokenizer)
 
 
-def _saved_config(run_dir: Path, device: str | None) -> RunConfig:
+def saved_config(run_dir: str | Path, device: str | None = None) -> RunConfig:
+    """The run config saved in a run folder, with ``device`` overridden when given.
+
+    Raises:
+        DROError: ``run_dir`` is not a run folder (no config.yaml).
+    """
     paths = RunPaths(Path(run_dir))
     if not paths.config.is_file():
         raise DROError(f"{run_dir}: not a run folder (no config.yaml); pass the output_dir of dro optimize")
@@ -185,7 +190,7 @@ def load_trained(run_dir: str | Path, device: str | None = None):
     Raises:
         DROError: ``run_dir`` is not a run folder. ModelLoadError: a base model cannot be loaded.
     """
-    config = _saved_config(run_dir, device)
+    config = saved_config(run_dir, device)
     selector, generator = build_models(config, Path(run_dir), adapters=Path(run_dir), trainable=False)
     return config, selector, generator
 
@@ -196,7 +201,7 @@ def load_trained_selector(run_dir: str | Path, device: str | None = None) -> LMS
     Raises:
         DROError: ``run_dir`` is not a run folder. ModelLoadError: the base model cannot be loaded.
     """
-    config = _saved_config(run_dir, device)
+    config = saved_config(run_dir, device)
     return make_selector(config, *load_model(config, "selector", Path(run_dir), adapters=Path(run_dir), trainable=False))
 
 
@@ -209,7 +214,7 @@ def export_generator(run_dir: str | Path, folder: str | Path) -> Path:
     Raises:
         DROError: ``run_dir`` is not a run folder. ModelLoadError: the base model cannot be loaded.
     """
-    config = _saved_config(run_dir, "cpu")
+    config = saved_config(run_dir, "cpu")
     unit, tokenizer = load_model(config, "generator", Path(run_dir), adapters=Path(run_dir), trainable=False)
     unit.model.merge_and_unload().save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

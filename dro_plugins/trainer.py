@@ -7,6 +7,7 @@ Everything that writes to the run folder or decides when to stop lives here; the
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -14,11 +15,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 
+from dro_plugins.attribution import question_ids
 from dro_plugins.batching import Shape, oversized, plan_microbatches, run_in_microbatches
 from dro_plugins.checkpoint import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
 from dro_plugins.config import RunConfig, dump_config
@@ -28,6 +30,7 @@ from dro_plugins.evaluation import batches, evaluate
 from dro_plugins.faults import crash_point
 from dro_plugins.files import atomic_write_bytes, atomic_write_text
 from dro_plugins.generator import LMGenerator
+from dro_plugins.lm import compute_dtype
 from dro_plugins.metrics import passage_has_answer
 from dro_plugins.objective import (
     effective_sample_size,
@@ -40,6 +43,7 @@ from dro_plugins.objective import (
 )
 from dro_plugins.progress import Track, no_progress
 from dro_plugins.run import RunPaths
+from dro_plugins.reporting import NoReporter, Reporter, open_reporter, optimizer_steps
 from dro_plugins.throughput import PHASES, PhaseMeter, measure
 from dro_plugins.runtime import is_out_of_memory
 from dro_plugins.selector import LMSelector, question_seed
@@ -117,6 +121,7 @@ class DROTrainer:
         self.phase = "start"
         self.warned_oversized: set[str] = set()
         self.meters: dict[str, PhaseMeter] = {}  # this iteration's phases (dro_plugins.throughput)
+        self.reporter: Reporter = NoReporter()  # fit() opens config.report_to
         self.tokens_planned = 0  # tokens of the questions' forward rows so far (Shape.tokens), for the meters
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -128,6 +133,7 @@ class DROTrainer:
             Interrupted: Ctrl-C; a checkpoint was saved and ``dro optimize`` resumes from it.
             TrainingError: losses stayed NaN.
         """
+        self.reporter = open_reporter(self.config.report_to, self.paths.root, self.config.model_dump(mode="json"))
         try:
             return self._fit()
         except RuntimeError as exc:
@@ -138,6 +144,8 @@ class DROTrainer:
                 f"(now {self.config.dro.max_tokens_per_microbatch}), set selector.gradient_checkpointing and "
                 "generator.gradient_checkpointing to true, or lower data.num_candidates / max_passage_words"
             ) from None
+        finally:
+            self.reporter.close()
 
     def _fit(self) -> dict:
         with self._stop_on_sigint():
@@ -264,19 +272,27 @@ class DROTrainer:
             drawn = self.selector.sample([batch[i] for i in micro], dro.num_samples, dro.temperature, seed)
             return list(zip(drawn.permutations, drawn.log_probs))
 
-        with self._measure("sampling", len(batch)):
+        with self._measure("sampling", len(batch)), self._adapters_in_compute_dtype():
             drawn = self._in_microbatches("selector", batch, [self.selector.shape(ex, dro.num_samples) for ex in batch], sample)
         return torch.stack([p for p, _ in drawn]), torch.stack([lp for _, lp in drawn])
 
     @torch.no_grad()
     def _score(self, batch: Sequence[Example], permutations: torch.Tensor) -> torch.Tensor:
         """log p_G(y | x, d_z) ``[B, m]`` of each sampled permutation (CPU), by micro-batch."""
-        with self._measure("scoring", len(batch)):
+        with self._measure("scoring", len(batch)), self._adapters_in_compute_dtype():
             rows = self._in_microbatches(
                 "generator", batch, self._shapes("generator", batch, permutations),
                 lambda micro: self.generator.log_likelihood([batch[i] for i in micro], permutations[micro]).cpu(),
             )
         return torch.stack(rows)
+
+    @contextmanager
+    def _adapters_in_compute_dtype(self):
+        """Both adapters as copies in the base's compute dtype, for sampling, scoring and validation (no gradient)."""
+        with ExitStack() as stack:
+            for unit in self.units.values():
+                stack.enter_context(unit.computing_in(compute_dtype(unit.model)))
+            yield
 
     @contextmanager
     def _measure(self, phase: str, questions: int):
@@ -352,16 +368,17 @@ class DROTrainer:
         score = self.selector.log_prob if role == "selector" else self.generator.log_likelihood
         objective = selector_loss if role == "selector" else generator_loss
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros(())
         for micro in self._plan(role, batch, permutations):
             part = [batch[i] for i in micro]
             loss = objective(weights[micro], score(part, permutations[micro])).sum() / len(batch)
-            if not torch.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                self._skip_nan(role, state)
-                return None
             loss.backward()
-            total += loss.item()
+            total = total.to(loss.device) + loss.detach()
+        total = total.item()  # the step's one host sync: a non-finite part makes the sum non-finite
+        if not math.isfinite(total):
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_nan(role, state)
+            return None
         self.consecutive_nan = 0
         torch.nn.utils.clip_grad_norm_(self.units[role].parameters(), self.config.dro.max_grad_norm)
         optimizer.step()
@@ -410,7 +427,7 @@ class DROTrainer:
 
     def _validate(self) -> dict:
         self.phase = "validation"
-        with self._measure("validation", len(self.validation)):
+        with self._measure("validation", len(self.validation)), self._adapters_in_compute_dtype():
             result = evaluate(
                 self.selector, self.generator, self.validation, self.config.eval_batch_size, self.track,
                 self.config.dro.max_tokens_per_microbatch,
@@ -421,18 +438,25 @@ class DROTrainer:
     def _record(self, state: LoopState, result: dict, iteration: int, stage: str = "dro") -> bool:
         """Append a metrics line (to the history and to metrics.jsonl); True when it is a new best F1 (stage "dro")."""
         line = {"iteration": iteration, "stage": stage, **{k: result[k] for k in ("em", "f1", "recall", "answer_log_likelihood")}}
+        line["attribution"] = result["attribution"]
         if iteration > 0:
             line.update(self._e_step_diagnostics(iteration))
             line.update({f"{role}_loss": sum(v) / len(v) for role, v in state.losses.items() if v})
+            line.update({f"{role}_losses": v for role, v in state.losses.items() if v})  # one per optimizer step
             line["nan_batches"] = state.nan_batches
         line["throughput"] = {phase: self.meters[phase].summary() for phase in PHASES if phase in self.meters}
         self.meters = {}
+        suffix = "" if stage == "dro" else f"_{stage}"
+        attribution = self.paths.root / "attribution" / f"iteration_{iteration:03d}{suffix}.json"
+        attribution.parent.mkdir(exist_ok=True)
+        atomic_write_text(attribution, json.dumps(question_ids(result["predictions"]), indent=1))
         state.history.append(line)
         with self.paths.metrics.open("a") as out:
             out.write(json.dumps(line) + "\n")
             out.flush()
             os.fsync(out.fileno())
         crash_point("metrics-appended")
+        self.reporter.log(line, first_step=sum(optimizer_steps(earlier) for earlier in state.history[:-1]))
         self.log(
             f"iteration {iteration} ({stage}): EM {line['em']:.3f}  F1 {line['f1']:.3f}  recall {line['recall']:.3f}"
             + (f"  ESS {line['ess']:.2f}/{self.config.dro.num_samples}" if "ess" in line else "")

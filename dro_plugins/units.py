@@ -11,6 +11,8 @@ adapter, named after its role, and nothing else changes. Parameters are found by
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,6 +50,25 @@ class AdapterUnit:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self.named_parameters()]
+
+    @contextmanager
+    def computing_in(self, dtype: torch.dtype) -> Iterator[None]:
+        """For the enclosed inference, this adapter's weights are ``dtype`` copies; the float32 masters come back after.
+
+        A float32 adapter on a bf16 base makes peft cast every LoRA input up to float32 and run the LoRA matmuls in
+        float32 (DESIGN.md §8); sampling, scoring and validation need no gradient, so they can run the adapter in the
+        base's dtype. The parameters stay the same objects (only ``.data`` is swapped), so optimizers are unaffected.
+        For inference only: a gradient taken inside would be in ``dtype``.
+        """
+        params = [p for p in self.parameters() if p.is_floating_point() and p.dtype != dtype]
+        masters = [p.data for p in params]
+        for param in params:
+            param.data = param.data.to(dtype)
+        try:
+            yield
+        finally:
+            for param, master in zip(params, masters):
+                param.data = master
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's weights with peft's adapter-free keys (the format of ``adapter_model.safetensors``)."""

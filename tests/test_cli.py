@@ -168,6 +168,9 @@ def test_optimize_the_nq_example_on_a_tiny_model_with_a_real_tokenizer(name, rea
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines if line["stage"] == "dro"] == [0, 1, 2]
+    for line in lines:  # every validation question falls in exactly one failure class
+        assert set(line["attribution"]) == {"correct", "generation_miss", "selection_miss", "retrieval_miss"}
+        assert sum(line["attribution"].values()) == pytest.approx(1.0)
     assert len(json.loads((tmp_path / "run" / "base" / "selector" / "config.json").read_text())) > 0
     from transformers import AutoTokenizer
 
@@ -180,7 +183,8 @@ def test_flat_f1_picks_the_best_answer_likelihood_and_says_it_stopped_early(writ
     scripted = iter([-5.0, -5.0, -4.0, -4.5, -4.6, -4.7])  # before warm-up, iterations 0..4: best is iteration 1
 
     def validate(self):
-        return {"em": 0.0, "f1": 0.0, "recall": 0.5, "answer_log_likelihood": next(scripted), "seconds": 0.0, "predictions": []}
+        return {"em": 0.0, "f1": 0.0, "recall": 0.5, "answer_log_likelihood": next(scripted), "predictions": [],
+                "attribution": {"correct": 0.0, "generation_miss": 1.0, "selection_miss": 0.0, "retrieval_miss": 0.0}}
 
     monkeypatch.setattr(DROTrainer, "_validate", validate)
     result = CliRunner().invoke(app, ["optimize", str(config), "--set", "dro.patience=1"])
@@ -190,7 +194,7 @@ def test_flat_f1_picks_the_best_answer_likelihood_and_says_it_stopped_early(writ
     text = " ".join(result.output.split())
     assert "stopped early after iteration 2" in text and "best by f1: iteration 1" in text
     assert "+1.000" in text  # answer log-likelihood, iteration 0 (-5.0) -> best (-4.0)
-    assert all(len(line) <= 80 for line in result.output.splitlines())
+    assert [line for line in result.output.splitlines() if len(line) > 80] == []
 
 
 def test_dro_config_lists_every_key_with_its_default():

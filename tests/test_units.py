@@ -87,6 +87,26 @@ def test_dtype_policy_bf16_base_float32_adapters(tiny_model_dir):
     assert model.config._attn_implementation in ("sdpa", "eager")
 
 
+def test_adapter_computes_in_the_base_dtype_for_inference_and_gets_its_float32_masters_back(tiny_model_dir):
+    model, _ = load_pretrained(str(tiny_model_dir), False, "generator.model", "cpu", torch.bfloat16)
+    model = add_lora(model, LoraConfig(**{k: v for k, v in TINY_LORA.items() if k != "modules_to_save"}), name="generator")
+    unit = AdapterUnit(model, "generator")
+    with torch.no_grad():
+        for param in unit.parameters():  # a trained-looking adapter: lora_B is zero at initialisation
+            param.add_(torch.randn_like(param) * 0.05)
+    masters = {n: (p, p.data_ptr(), p.detach().clone()) for n, p in unit.named_parameters()}
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits.float()
+        with unit.computing_in(torch.bfloat16):
+            assert {p.dtype for p in unit.parameters()} == {torch.bfloat16}
+            fast = model(input_ids=ids).logits.float()
+    assert torch.allclose(fast, reference, atol=0.05, rtol=0.05) and not torch.equal(fast, reference)
+    for name, param in unit.named_parameters():  # the same parameter objects, holding the same float32 tensors
+        obj, pointer, value = masters[name]
+        assert param is obj and param.data_ptr() == pointer and param.dtype == torch.float32 and torch.equal(param, value)
+
+
 def test_saved_adapter_folder_loads_with_peft(shared, tmp_path, tiny_model_dir):
     _, selector, _, _ = shared
     folder = tmp_path / "saved"

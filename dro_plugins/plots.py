@@ -1,0 +1,91 @@
+"""Curves of a run, drawn from its ``metrics.jsonl`` into ``<run>/plots/`` (matplotlib, an optional extra).
+
+- ``quality.png``: validation EM, F1 and selection recall@k per EM iteration (iteration 0 = before DRO);
+- ``e_step.png``: the E-step's effective sample size, importance-weight entropy and evidence per iteration;
+- ``losses.png``: the M-step losses of the selector and the generator per optimizer step;
+- ``attribution.png``: the share of validation questions per failure class (:mod:`dro_plugins.attribution`),
+  stacked, per iteration.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dro_plugins.attribution import CLASSES
+from dro_plugins.errors import DROError
+
+INSTALL_HINT = "pip install 'dro-plugins[report]' (matplotlib) to get them, then: dro report RUN"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The metrics lines of a run folder.
+
+    Raises:
+        DROError: the folder has no ``metrics.jsonl``.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DROError(f"{run_dir}: no metrics.jsonl; pass the output_dir of a dro optimize run")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def draw(run_dir: Path) -> list[Path]:
+    """Write the PNGs of ``run_dir/plots/`` from its metrics and return their paths.
+
+    Raises:
+        DROError: matplotlib is not installed (the message says how to get it), or there is no metrics file.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise DROError(f"no plots: matplotlib is missing; {INSTALL_HINT}") from exc
+    lines = [line for line in read_metrics(run_dir) if line["stage"] == "dro"]
+    folder = Path(run_dir) / "plots"
+    folder.mkdir(exist_ok=True)
+    iterations = [line["iteration"] for line in lines]
+    written = []
+
+    def save(figure, name: str) -> None:
+        figure.tight_layout()
+        figure.savefig(folder / name, dpi=120)
+        plt.close(figure)
+        written.append(folder / name)
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key, label in (("em", "EM"), ("f1", "F1"), ("recall", "selection recall@k")):
+        axis.plot(iterations, [line[key] for line in lines], marker="o", label=label)
+    axis.set(xlabel="EM iteration (0 = before DRO)", ylabel="validation", title="answer quality and selection recall")
+    axis.set_xticks(iterations)
+    axis.legend()
+    save(figure, "quality.png")
+
+    figure, axes = plt.subplots(1, 3, figsize=(11, 3.5))
+    for axis, (key, label) in zip(axes, (("ess", "effective sample size"), ("weight_entropy", "weight entropy (nats)"), ("evidence", "evidence log p(y|x)"))):
+        points = [(line["iteration"], line[key]) for line in lines if key in line]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        axis.set(xlabel="EM iteration", title=label)
+    save(figure, "e_step.png")
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for role in ("selector", "generator"):
+        losses = [loss for line in lines for loss in line.get(f"{role}_losses", [])]
+        axis.plot(range(1, len(losses) + 1), losses, label=f"{role} loss")
+    axis.set(xlabel="M-step optimizer step", ylabel="importance-weighted loss", title="M-step losses")
+    axis.legend()
+    save(figure, "losses.png")
+
+    figure, axis = plt.subplots(figsize=(7.5, 4))
+    bottom = [0.0] * len(lines)
+    for name in CLASSES:
+        shares = [line.get("attribution", {}).get(name, 0.0) for line in lines]
+        axis.bar(iterations, shares, bottom=bottom, label=name.replace("_", " "))
+        bottom = [b + s for b, s in zip(bottom, shares)]
+    axis.set(xlabel="EM iteration", ylabel="share of validation questions", title="where answers fail", ylim=(0, 1))
+    axis.set_xticks(iterations)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    save(figure, "attribution.png")
+    return written

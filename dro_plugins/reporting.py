@@ -1,0 +1,114 @@
+"""Experiment trackers a run reports to (``report_to``, as in the Hugging Face Trainer): TensorBoard or Weights & Biases.
+
+Each metrics line becomes scalars with the names of ``metrics.jsonl``, nested keys joined by ``/``
+(``f1``, ``attribution/selection_miss``, ``throughput/m_step/questions_per_s``) at step = the EM iteration; the
+M-step's per-optimizer-step losses become ``m_step/selector_loss`` and ``m_step/generator_loss`` at a step that counts
+optimizer steps over the whole run. Lines of the stage before the warm-up are prefixed ``before_warmup/``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Protocol
+
+from dro_plugins.errors import DROError
+
+REPORT_TO = ("auto", "none", "tensorboard", "wandb")
+
+
+class Reporter(Protocol):
+    def log(self, line: dict, first_step: int = 0) -> None:
+        """Report one metrics line; its per-step M-step losses start at optimizer step ``first_step`` of the run."""
+
+    def close(self) -> None:
+        """Flush and release the tracker."""
+
+
+def scalars(line: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric values of a metrics line, nested keys joined by ``/`` (lists and None left out)."""
+    found: dict[str, float] = {}
+    for key, value in line.items():
+        if isinstance(value, dict):
+            found.update(scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("iteration",):
+            found[f"{prefix}{key}"] = float(value)
+    return found
+
+
+def step_losses(line: dict) -> dict[str, list[float]]:
+    """Per-optimizer-step M-step losses of a metrics line, by scalar name."""
+    return {f"m_step/{role}_loss": line[f"{role}_losses"] for role in ("selector", "generator") if line.get(f"{role}_losses")}
+
+
+def optimizer_steps(line: dict) -> int:
+    """M-step optimizer steps behind a metrics line (the longer of the two roles' loss lists)."""
+    return max((len(v) for v in step_losses(line).values()), default=0)
+
+
+class NoReporter:
+    def log(self, line: dict, first_step: int = 0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardReporter:
+    """Event files in ``<run>/tensorboard/`` (``tensorboard --logdir <run>/tensorboard``)."""
+
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def log(self, line: dict, first_step: int = 0) -> None:
+        prefix = "" if line["stage"] == "dro" else f"{line['stage']}/"
+        for name, value in scalars(line, prefix).items():
+            self.writer.add_scalar(name, value, global_step=line["iteration"])
+        for name, values in step_losses(line).items():
+            for offset, value in enumerate(values):
+                self.writer.add_scalar(name, value, global_step=first_step + offset)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbReporter:
+    """A Weights & Biases run in ``<run>/wandb/``; ``WANDB_MODE=offline`` is respected, as wandb itself reads it."""
+
+    def __init__(self, folder: Path, name: str, config: dict):
+        import wandb
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(dir=str(folder), name=name, config=config, resume="allow")
+
+    def log(self, line: dict, first_step: int = 0) -> None:
+        prefix = "" if line["stage"] == "dro" else f"{line['stage']}/"
+        self.run.log({"iteration": line["iteration"], **scalars(line, prefix)})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def open_reporter(report_to: str, run_dir: Path, config: dict) -> Reporter:
+    """The tracker named by ``report_to``: ``auto`` is TensorBoard when installed, else none.
+
+    Raises:
+        DROError: the named tracker is not installed.
+    """
+    if report_to == "auto":
+        report_to = "tensorboard" if installed("tensorboard") else "none"
+    if report_to == "none":
+        return NoReporter()
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}[report_to]
+    if not installed(package):
+        raise DROError(f"report_to: {report_to} needs the {package} package; pip install {package}, or set report_to: none")
+    if report_to == "tensorboard":
+        return TensorBoardReporter(run_dir / "tensorboard")
+    return WandbReporter(run_dir / "wandb", run_dir.name, config)
