@@ -43,6 +43,7 @@ from dro_plugins.batching import Shape  # noqa: E402
 from dro_plugins.config import RunConfig  # noqa: E402
 from dro_plugins.data import Example, load_examples  # noqa: E402
 from dro_plugins.evaluation import batches, evaluate  # noqa: E402
+from dro_plugins.plots import pyplot, save_figure  # noqa: E402
 from dro_plugins.run import build_models  # noqa: E402
 from dro_plugins.synthetic import make_dataset, make_entity_dataset  # noqa: E402
 from dro_plugins.trainer import DROTrainer, positive_candidates  # noqa: E402
@@ -324,18 +325,11 @@ def _plot_lines(axis, entries: dict, key: str) -> None:
 
 def plot(results: dict, out: Path) -> list[Path]:
     """PNG files named after their content; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
 
     def save(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(out / name)
+        written.append(save_figure(fig, out / name))
 
     for name, task in results["tasks"].items():
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))

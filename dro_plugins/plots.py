@@ -30,11 +30,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def draw(run_dir: Path) -> list[Path]:
-    """Write the PNGs of ``run_dir/plots/`` from its metrics and return their paths.
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend.
 
     Raises:
-        DROError: matplotlib is not installed (the message says how to get it), or there is no metrics file.
+        DROError: matplotlib is not installed (the message says how to get it).
     """
     try:
         import matplotlib
@@ -43,6 +43,24 @@ def draw(run_dir: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise DROError(f"no plots: matplotlib is missing; {INSTALL_HINT}") from exc
+    return plt
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Write ``figure`` as a PNG at ``path``, release it, and return the path."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot().close(figure)
+    return path
+
+
+def draw(run_dir: Path) -> list[Path]:
+    """Write the PNGs of ``run_dir/plots/`` from its metrics and return their paths.
+
+    Raises:
+        DROError: matplotlib is not installed (the message says how to get it), or there is no metrics file.
+    """
+    plt = pyplot()
     lines = [line for line in read_metrics(run_dir) if line["stage"] == "dro"]
     folder = Path(run_dir) / "plots"
     folder.mkdir(exist_ok=True)
@@ -50,10 +68,7 @@ def draw(run_dir: Path) -> list[Path]:
     written = []
 
     def save(figure, name: str) -> None:
-        figure.tight_layout()
-        figure.savefig(folder / name, dpi=120)
-        plt.close(figure)
-        written.append(folder / name)
+        written.append(save_figure(figure, folder / name))
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for key, label in (("em", "EM"), ("f1", "F1"), ("recall", "selection recall@k")):
