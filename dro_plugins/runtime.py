@@ -7,7 +7,9 @@ Dtype policy (tested in ``tests/test_units.py``):
 - **LoRA adapters and their AdamW state** are float32. An M-step update is ~1e-4 of a weight; bfloat16 keeps 8
   bits of mantissa (relative step 2^-8 ≈ 4e-3), so most updates would round to nothing. peft keeps adapters in
   float32 by default (``autocast_adapter_dtype=True``) and casts each adapter layer's input to float32 and its
-  output back; that cast costs time (issue 19 measured it) but keeps training exact.
+  output back; that keeps training exact. Where no gradient flows (E-step sampling and scoring, validation) each
+  adapter runs as a copy in the compute dtype (``AdapterUnit.computing_in``), which saves the casts and the float32
+  LoRA matmuls; the float32 masters are put back unchanged.
 - **``modules_to_save`` copies** (e.g. embeddings of tiny random models) stay in the compute dtype: they replace a
   base module inside the forward, so they must run in its dtype.
 - **Log-probabilities, importance weights and losses** are float32: logits are cast up before any softmax.
