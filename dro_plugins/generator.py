@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from dro_plugins.batching import Shape
+from dro_plugins.batching import MAX_PADDING, Shape, plan_microbatches
 from dro_plugins.data import Example, Passage
 from dro_plugins.lm import greedy_generate, tail_logits
 from dro_plugins.prompts import generator_prompt, render
@@ -146,6 +146,18 @@ class LMGenerator:
                     sequences.append(prompt + target)
                     targets.append(target)
                 index.append(rows[key])
+        # rows of similar length share a forward (padding at most MAX_PADDING of it: attention grows as length^2)
+        lengths = [Shape(1, len(sequence)) for sequence in sequences]
+        groups = plan_microbatches(lengths, sum(s.tokens for s in lengths), MAX_PADDING)
+        totals = [None] * len(sequences)
+        for group in groups:
+            for r, total in zip(group, self._answer_log_probs([sequences[r] for r in group], [targets[r] for r in group])):
+                totals[r] = total
+        total = torch.stack(totals)
+        return total[torch.tensor(index, device=total.device)].view(batch_size, num_samples)
+
+    def _answer_log_probs(self, sequences: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
+        """``[R]`` summed (or length-normalised) log-probs of each row's target, the rows in one padded forward."""
         longest = max(len(t) for t in targets)
         logits = tail_logits(self.model, sequences, longest + 1, self.tokenizer.pad_token_id, self.device)[:, :-1]
         # right-align the targets with the kept logits: row r's answer fills the last len(answer) slots
@@ -157,9 +169,7 @@ class LMGenerator:
         target_ids, is_answer = target_ids.to(logits.device), is_answer.to(logits.device)
         token_log_probs = logits.log_softmax(-1).gather(2, target_ids[:, :, None]).squeeze(2)
         total = (token_log_probs * is_answer).sum(-1)
-        if self.length_normalize:
-            total = total / is_answer.sum(-1)
-        return total[torch.tensor(index, device=total.device)].view(batch_size, num_samples)
+        return total / is_answer.sum(-1) if self.length_normalize else total
 
     def generate(self, batch: Sequence[Example], permutations: Sequence[Sequence[int]]) -> list[str]:
         """Greedy answers, one per question, from the passages of its permutation.

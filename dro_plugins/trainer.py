@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dro_plugins.attribution import question_ids
-from dro_plugins.batching import Shape, oversized, plan_microbatches, run_in_microbatches
+from dro_plugins.batching import MAX_PADDING, Shape, oversized, plan_microbatches, run_in_microbatches
 from dro_plugins.checkpoint import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
 from dro_plugins.config import RunConfig, dump_config
 from dro_plugins.data import Example
@@ -404,7 +404,7 @@ class DROTrainer:
         shapes = self._shapes(role, batch, permutations)
         self._warn_oversized(role, batch, shapes)
         self.tokens_planned += sum(shape.tokens for shape in shapes)
-        return plan_microbatches(shapes, self.config.dro.max_tokens_per_microbatch)
+        return plan_microbatches(shapes, self.config.dro.max_tokens_per_microbatch, MAX_PADDING)
 
     def _in_microbatches(self, role: str, batch: Sequence[Example], shapes: list[Shape], run) -> list:
         """``run(indices)`` per micro-batch of ``batch``; the per-question results in batch order."""

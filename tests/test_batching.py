@@ -21,6 +21,15 @@ def test_plan_by_hand():
     assert plan_microbatches([], 10) == []
 
 
+def test_padding_limit_by_hand():
+    shapes = [Shape(2, 100), Shape(2, 98), Shape(1, 60), Shape(1, 58)]
+    # 100 + 98: 4 x 100 = 400 padded, 396 real: 1% padding, kept together; adding 60 -> 5 x 100 = 500 with 104
+    # padding (21%): new micro-batch; 60 + 58: 120 padded, 2 padding (1.7%): together
+    assert plan_microbatches(shapes, 1000, max_padding=0.05) == [[0, 1], [2, 3]]
+    assert plan_microbatches(shapes, 1000) == [[0, 1, 2, 3]]  # no limit: only the budget splits
+    assert plan_microbatches(shapes, 1000, max_padding=0.0) == [[0], [1], [2], [3]]
+
+
 def test_run_in_microbatches_restores_item_order():
     shapes = [Shape(1, n) for n in (3, 9, 1, 7)]
     calls = []
@@ -30,7 +39,7 @@ def test_run_in_microbatches_restores_item_order():
         return [f"item{i}" for i in indices]
 
     assert run_in_microbatches(shapes, 10, run) == ["item0", "item1", "item2", "item3"]
-    assert calls == [[1], [3], [0, 2]]  # 9 alone; 7 + 9 and 3 + 7 pad past 10; 3 + 1 pads to 6
+    assert calls == [[1], [3], [0], [2]]  # 9 alone; 7 + 9 and 3 + 7 pad past 10; 3 + 1 would be 2 of 6 padding
 
 
 @pytest.fixture
