@@ -316,27 +316,35 @@ def optimize(
     """
     _quiet_libraries()
     from dro_plugins.run import build_models
+    from dro_plugins.runtime import Runtime
     from dro_plugins.trainer import DROTrainer, Interrupted
 
     config = None
     try:
         config = load_config(config_path, overrides or [])
+        runtime = Runtime.from_environment(config.device)
+        console.quiet = not runtime.is_main  # one process speaks: logs, progress bars, tables
+        config.device = runtime.device_name(config.device)
         train, validation = load_run_data(config)
         pipeline = _open_pipeline(config) if config.pipeline is not None else None
-        _check_resume(config, restart)
+        if runtime.is_main:
+            _check_resume(config, restart)
+        runtime.wait()
         with _progress() as progress:
+            track = _tracker(progress) if runtime.is_main else no_progress
             if pipeline is not None:
-                train, validation = (_retrieve(config, pipeline, part, _tracker(progress)) for part in (train, validation))
+                train, validation = (_retrieve(config, pipeline, part, track) for part in (train, validation))
             console.print(f"{len(train)} training and {len(validation)} validation questions; loading models")
-            selector, generator = build_models(config, config.output_dir)
+            with runtime.main_first():  # a tiny base model is written into the run folder once
+                selector, generator = build_models(config, config.output_dir)
             if pipeline is not None:
                 _use_pipeline_prompts(pipeline, generator)
             trainer = DROTrainer(
                 config, selector, generator, train, validation, config.output_dir,
-                track=_tracker(progress), log=lambda line: progress.console.print(line, highlight=False),
+                track=track, log=lambda line: progress.console.print(line, highlight=False), runtime=runtime,
             )
             report = trainer.fit()
-        if pipeline is not None:
+        if pipeline is not None and runtime.is_main:
             console.print(f"{pipeline.exported}: {pipeline.export(config.output_dir)}")
     except Interrupted as exc:
         console.print(f"[yellow]{exc}[/]\nresume with: dro optimize {config_path}")
@@ -349,7 +357,8 @@ def optimize(
     if throughput is not None:
         console.print(throughput)
     console.print(_attribution_table(report["history"]))
-    _draw_plots(config.output_dir)
+    if runtime.is_main:
+        _draw_plots(config.output_dir)
     console.print(_summary_table(report, config.selector.top_k))
     console.print(f"{report['stop_reason']}; best by {report['metric_for_best']}: iteration {report['validation']['iteration']}")
     console.print(f"run folder: {config.output_dir}")

@@ -28,7 +28,27 @@ def evaluate(
     track: Track = no_progress,
     max_tokens: int | None = None,
 ) -> dict:
-    """Select greedily, answer greedily, and score.
+    """Select greedily, answer greedily, and score: :func:`summarize` of :func:`predict`.
+
+    Returns:
+        ``{"em", "f1", "recall", "answer_log_likelihood", "attribution", "predictions"}``: EM, F1 and recall are means
+        over questions in [0, 1]; ``answer_log_likelihood`` is the mean log p_G(y | x, d_z) of the gold answer given the
+        greedy selection (nats per question), which moves even when no generated answer is right yet;
+        ``attribution`` the share of questions per :mod:`dro_plugins.attribution` class; ``predictions`` as
+        :func:`predict` returns them.
+    """
+    return summarize(predict(selector, generator, examples, batch_size, track, max_tokens))
+
+
+def predict(
+    selector: LMSelector,
+    generator: LMGenerator,
+    examples: Sequence[Example],
+    batch_size: int,
+    track: Track = no_progress,
+    max_tokens: int | None = None,
+) -> list[dict]:
+    """Per question: the greedy selection, the greedy answer and their scores.
 
     Args:
         batch_size: questions per progress step.
@@ -36,16 +56,11 @@ def evaluate(
         max_tokens: padded tokens per forward pass (``dro.max_tokens_per_microbatch``); None = no limit.
 
     Returns:
-        ``{"em", "f1", "recall", "answer_log_likelihood", "attribution", "predictions"}``: EM, F1 and recall are means
-        over questions in [0, 1]; ``answer_log_likelihood`` is the mean log p_G(y | x, d_z) of the gold answer given the
-        greedy selection (nats per question), which moves even when no generated answer is right yet;
-        ``attribution`` the share of questions per :mod:`dro_plugins.attribution` class; per-question
-        ``{"id", "prediction", "selected", "failure"}`` with 0-based candidate indices and the question's class.
+        One ``{"id", "prediction", "selected", "failure", "em", "f1", "recall", "answer_log_likelihood"}`` per
+        question, in order: 0-based selected candidate indices, the question's failure class, and its scores.
     """
-    em = f1 = recall = likelihood = 0.0
     predictions = []
-    chunks = batches(examples, batch_size)
-    for batch in track(chunks, "evaluate", len(examples), size=len):
+    for batch in track(batches(examples, batch_size), "evaluate", len(examples), size=len):
         selected = run_in_microbatches(
             [selector.shape(ex, 1) for ex in batch], max_tokens, lambda micro: selector.select([batch[i] for i in micro])
         )
@@ -59,14 +74,24 @@ def evaluate(
                 max_tokens,
                 lambda micro: generator.log_likelihood([batch[i] for i in micro], torch.tensor([[selected[i]] for i in micro]))[:, 0].tolist(),
             )
-        likelihood += sum(likelihoods)
-        for example, picks, answer in zip(batch, selected, answers):
-            em += exact_match(answer, example.answers)
-            f1 += f1_score(answer, example.answers)
-            recall += selection_recall([example.candidates[i] for i in picks], example.answers)
-            predictions.append({"id": example.id, "prediction": answer, "selected": picks, "failure": failure_class(example, picks, answer)})
-    n = len(examples)
-    return {
-        "em": em / n, "f1": f1 / n, "recall": recall / n, "answer_log_likelihood": likelihood / n,
-        "attribution": fractions([p["failure"] for p in predictions]), "predictions": predictions,
-    }
+        for example, picks, answer, likelihood in zip(batch, selected, answers, likelihoods):
+            predictions.append({
+                "id": example.id, "prediction": answer, "selected": picks, "failure": failure_class(example, picks, answer),
+                "em": exact_match(answer, example.answers), "f1": f1_score(answer, example.answers),
+                "recall": selection_recall([example.candidates[i] for i in picks], example.answers),
+                "answer_log_likelihood": likelihood,
+            })
+    return predictions
+
+
+def summarize(predictions: Sequence[dict]) -> dict:
+    """Means over questions of :func:`predict`'s scores, the failure-class shares, and the predictions themselves.
+
+    Raises:
+        ValueError: no predictions.
+    """
+    if not predictions:
+        raise ValueError("no predictions to summarize")
+    n = len(predictions)
+    means = {key: sum(p[key] for p in predictions) / n for key in ("em", "f1", "recall", "answer_log_likelihood")}
+    return {**means, "attribution": fractions([p["failure"] for p in predictions]), "predictions": list(predictions)}

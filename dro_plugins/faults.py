@@ -14,9 +14,10 @@ _reached: dict[str, int] = {}
 
 
 def crash_point(name: str) -> None:
-    """SIGKILL this process here if ``DRO_KILL_AT`` names this point (and its count is reached)."""
+    """SIGKILL this process here if ``DRO_KILL_AT`` names this point (and its count is reached); with several
+    processes, only the one whose ``RANK`` is ``DRO_KILL_RANK`` (every process when that is unset)."""
     wanted = os.environ.get("DRO_KILL_AT")
-    if not wanted:
+    if not wanted or os.environ.get("DRO_KILL_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     point, _, count = wanted.partition(":")
     if point != name:

@@ -159,7 +159,8 @@ class LMGenerator:
     def _answer_log_probs(self, sequences: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
         """``[R]`` summed (or length-normalised) log-probs of each row's target, the rows in one padded forward."""
         longest = max(len(t) for t in targets)
-        logits = tail_logits(self.model, sequences, longest + 1, self.tokenizer.pad_token_id, self.device)[:, :-1]
+        model = self.model if self.unit is None else self.unit.scoring_model()
+        logits = tail_logits(model, sequences, longest + 1, self.tokenizer.pad_token_id, self.device)[:, :-1]
         # right-align the targets with the kept logits: row r's answer fills the last len(answer) slots
         target_ids = torch.zeros(len(targets), longest, dtype=torch.long)
         is_answer = torch.zeros(len(targets), longest, dtype=torch.bool)

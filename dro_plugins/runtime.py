@@ -1,4 +1,4 @@
-"""Where tensors live and in which dtype: the one place the device and dtype policy is written down.
+"""Where tensors live, in which dtype, and in how many processes: the one place that policy is written down.
 
 Dtype policy (tested in ``tests/test_units.py``):
 
@@ -16,6 +16,10 @@ Dtype policy (tested in ``tests/test_units.py``):
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
 
 import torch
 
@@ -51,3 +55,105 @@ def gradient_checkpointing_default(device: torch.device) -> bool:
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for a CUDA (or other accelerator) out-of-memory error."""
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def shard_range(count: int, rank: int, world_size: int) -> range:
+    """Process ``rank``'s contiguous share of ``count`` items: sizes differ by at most one, earlier ranks larger, so
+    concatenating the shares in rank order gives the items in order."""
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+class Runtime:
+    """What differs between one process and several (``accelerate launch``, ``torchrun``): the trainer's only view of it.
+
+    With one process every method is the identity or a no-op. Under a launcher (``WORLD_SIZE`` > 1) it holds an
+    ``accelerate.Accelerator``: a process group (NCCL on GPUs, gloo on CPU), models prepared as DDP (with
+    ``find_unused_parameters``, since each optimizer step uses one of two adapters on a shared base), and collective
+    helpers. Work is split into contiguous shards in process order, so gathering restores the one-process order.
+
+    Args:
+        accelerator: None for one process.
+    """
+
+    def __init__(self, accelerator=None):
+        self.accelerator = accelerator
+
+    @classmethod
+    def from_environment(cls, device_name: str, timeout_s: int = 600) -> Runtime:
+        """One process, or an Accelerator when launched with ``WORLD_SIZE`` > 1.
+
+        ``timeout_s`` bounds how long a process waits in a collective for the others (a dead peer then ends the run
+        with an error instead of a hang).
+        """
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+        handlers = [
+            # broadcast_buffers off: processes run different numbers of forwards (their shares differ), and a
+            # buffer broadcast in each forward would then wait forever
+            DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
+        ]
+        return cls(Accelerator(cpu=device_name == "cpu", kwargs_handlers=handlers))
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.accelerator is None else self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.accelerator is None else self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device_name(self, configured: str) -> str:
+        """The config's ``device`` for this process: under a launcher with GPUs, this process's own GPU."""
+        if self.accelerator is None or configured == "cpu" or self.accelerator.device.type != "cuda":
+            return configured
+        return str(self.accelerator.device)
+
+    def shard(self, count: int) -> range:
+        """This process's share of ``count`` items (:func:`shard_range`)."""
+        return shard_range(count, self.rank, self.world_size)
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """The main process runs the enclosed block first (e.g. writing a tiny base model), then the others."""
+        if not self.is_main:
+            self.wait()
+        yield
+        if self.is_main:
+            self.wait()
+
+    def gather(self, items: list) -> list:
+        """Every process's ``items`` (picklable), concatenated in process order, on every process."""
+        if self.accelerator is None:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
+    def sum(self, value: float) -> float:
+        """``value`` summed over processes."""
+        if self.accelerator is None:
+            return value
+        return float(self.accelerator.reduce(torch.tensor([value], device=self.accelerator.device), reduction="sum").item())
+
+    def wait(self) -> None:
+        """Barrier: every process reaches this point before any goes on."""
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def prepare(self, model):
+        """The model to train through: DDP-wrapped under a launcher, the model itself otherwise."""
+        return model if self.accelerator is None else self.accelerator.prepare_model(model)
+
+    def no_sync(self, model):
+        """Accumulate gradients locally in the enclosed backward passes (no all-reduce)."""
+        return contextlib.nullcontext() if self.accelerator is None else self.accelerator.no_sync(model)

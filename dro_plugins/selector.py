@@ -236,7 +236,8 @@ class LMSelector:
             choices.append([grammar.choices(p) for p in rows])
         packed = pack_shared_prefix([self.prompt_ids(ex, top_k) for ex in batch], blocks, self.tokenizer.pad_token_id)
         device = self.device
-        logits = self.model(
+        model = self.model if self.unit is None else self.unit.scoring_model()
+        logits = model(
             input_ids=packed.input_ids.to(device),
             attention_mask=additive_mask(packed.allowed.to(device), compute_dtype(self.model)),
             position_ids=packed.position_ids.to(device),

@@ -72,3 +72,18 @@ def measure(meter: PhaseMeter, device: torch.device, questions: int, tokens: int
     meter.seconds += time.perf_counter() - started
     meter.questions += questions
     meter.tokens += tokens
+
+
+def combine_meters(per_process: list[dict[str, PhaseMeter]]) -> dict[str, PhaseMeter]:
+    """One meter per phase for work done side by side in several processes: questions and tokens add up, the
+    phase took as long as its slowest process, peak memory is the largest of one process."""
+    combined: dict[str, PhaseMeter] = {}
+    for meters in per_process:
+        for phase, meter in meters.items():
+            total = combined.setdefault(phase, PhaseMeter())
+            total.seconds = max(total.seconds, meter.seconds)
+            total.questions += meter.questions
+            total.tokens += meter.tokens
+            if meter.peak_memory_gib is not None:
+                total.peak_memory_gib = max(total.peak_memory_gib or 0.0, meter.peak_memory_gib)
+    return combined

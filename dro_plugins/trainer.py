@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from dro_plugins.checkpoint import LoopState, find_checkpoint, load_checkpoint, 
 from dro_plugins.config import RunConfig, dump_config
 from dro_plugins.data import Example
 from dro_plugins.errors import DROError, TrainingError
-from dro_plugins.evaluation import batches, evaluate
+from dro_plugins.evaluation import batches, predict, summarize
 from dro_plugins.faults import crash_point
 from dro_plugins.files import atomic_write_bytes, atomic_write_text
 from dro_plugins.generator import LMGenerator
@@ -44,8 +44,8 @@ from dro_plugins.objective import (
 from dro_plugins.progress import Track, no_progress
 from dro_plugins.run import RunPaths
 from dro_plugins.reporting import NoReporter, Reporter, open_reporter, optimizer_steps
-from dro_plugins.throughput import PHASES, PhaseMeter, measure
-from dro_plugins.runtime import is_out_of_memory
+from dro_plugins.throughput import PHASES, PhaseMeter, combine_meters, measure
+from dro_plugins.runtime import Runtime, is_out_of_memory
 from dro_plugins.selector import LMSelector, question_seed
 
 
@@ -104,8 +104,10 @@ class DROTrainer:
         run_dir: Path,
         track: Track = no_progress,
         log: Callable[[str], None] = lambda _line: None,
+        runtime: Runtime | None = None,
     ):
         self.config = config
+        self.runtime = runtime or Runtime()
         self.selector = selector
         self.generator = generator
         self.train_set = list(train)
@@ -123,6 +125,23 @@ class DROTrainer:
         self.meters: dict[str, PhaseMeter] = {}  # this iteration's phases (dro_plugins.throughput)
         self.reporter: Reporter = NoReporter()  # fit() opens config.report_to
         self.tokens_planned = 0  # tokens of the questions' forward rows so far (Shape.tokens), for the meters
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Wrap each distinct model for data-parallel training (DDP under a launcher; nothing with one process).
+
+        Both adapters are made trainable first: DDP registers the parameters that require a gradient when it wraps,
+        and peft's ``set_adapter`` turns the inactive adapter's off. An optimizer step then leaves the other role's
+        adapter unused, which the wrapper is told to expect (``Runtime``).
+        """
+        wrapped: dict[int, object] = {}
+        for unit in self.units.values():
+            for param in unit.parameters():
+                param.requires_grad_(True)
+        for unit in self.units.values():
+            if id(unit.model) not in wrapped:
+                wrapped[id(unit.model)] = self.runtime.prepare(unit.model)
+            unit.prepared = wrapped[id(unit.model)]
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -133,7 +152,8 @@ class DROTrainer:
             Interrupted: Ctrl-C; a checkpoint was saved and ``dro optimize`` resumes from it.
             TrainingError: losses stayed NaN.
         """
-        self.reporter = open_reporter(self.config.report_to, self.paths.root, self.config.model_dump(mode="json"))
+        if self.runtime.is_main:
+            self.reporter = open_reporter(self.config.report_to, self.paths.root, self.config.model_dump(mode="json"))
         try:
             return self._fit()
         except RuntimeError as exc:
@@ -181,14 +201,18 @@ class DROTrainer:
         if found is not None:
             state = load_checkpoint(found, self.units, self.optimizers)
             self.meters = {phase: PhaseMeter.from_dict(saved) for phase, saved in state.throughput.items()}
-            atomic_write_text(self.paths.metrics, "".join(json.dumps(line) + "\n" for line in state.history))
-            self._publish_best(found)
+            if self.runtime.is_main:
+                atomic_write_text(self.paths.metrics, "".join(json.dumps(line) + "\n" for line in state.history))
+                self._publish_best(found)
             self.log(f"resuming at iteration {state.iteration}, phase {state.phase.replace('_', '-')}")
+            self.runtime.wait()
             return state
-        self.paths.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.paths.config, dump_config(self.config))
-        self.paths.metrics.unlink(missing_ok=True)
+        if self.runtime.is_main:
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.paths.config, dump_config(self.config))
+            self.paths.metrics.unlink(missing_ok=True)
         torch.manual_seed(self.config.seed)
+        self.runtime.wait()
         return LoopState()
 
     def _warm_up_phase(self, state: LoopState) -> None:
@@ -242,8 +266,9 @@ class DROTrainer:
         self.paths.samples.mkdir(parents=True, exist_ok=True)
         self.phase = f"E-step of iteration {iteration}"
         lines, started = [], time.perf_counter()
-        chunks = batches(self.train_set, dro.batch_size)
-        for batch in self.track(chunks, f"E-step {iteration}", len(self.train_set), size=len):
+        share = [self.train_set[i] for i in self.runtime.shard(len(self.train_set))]  # contiguous: gathered in order
+        chunks = batches(share, dro.batch_size)
+        for batch in self.track(chunks, f"E-step {iteration}", len(share), size=len):
             permutations, log_probs = self._draw(batch, seed)
             log_likelihoods = self._score(batch, permutations)
             weights = weigh(log_likelihoods)
@@ -260,7 +285,10 @@ class DROTrainer:
             crash_point("e-step")
             if self.stop_requested:
                 raise Interrupted(f"interrupted in E-step {iteration}; it restarts on resume")
-        atomic_write_text(self._sample_file(iteration), "".join(json.dumps(line) + "\n" for line in lines))
+        lines = self.runtime.gather(lines)
+        if self.runtime.is_main:
+            atomic_write_text(self._sample_file(iteration), "".join(json.dumps(line) + "\n" for line in lines))
+        self.runtime.wait()
         crash_point("samples-written")
         self.log(f"E-step {iteration}: {len(lines)} questions x {dro.num_samples} samples in {time.perf_counter() - started:.1f}s")
 
@@ -332,7 +360,7 @@ class DROTrainer:
                 continue
             batch = [self.train_set[i] for i in index.tolist()]
             perms, w = permutations[index], weights[index]
-            with self._measure("m_step", len(batch)):
+            with self._measure("m_step", len(self.runtime.shard(len(batch)))):
                 for role in ("selector", "generator"):
                     if getattr(dro, f"train_{role}"):
                         loss = self.step(role, batch, perms, w, self.optimizers[role], state)
@@ -355,9 +383,12 @@ class DROTrainer:
     ) -> float | None:
         """One optimizer step of ``role`` on ``batch``: Eq. 10 (selector) or Eq. 11 (generator).
 
-        The batch is split into micro-batches of at most ``dro.max_tokens_per_microbatch`` padded tokens; each
-        backpropagates ``sum(per-question losses) / len(batch)``, so the accumulated gradient equals the unsplit
-        one. A non-finite loss skips the whole step (and aborts if it keeps happening).
+        ``batch`` is the step's global batch. With several processes each takes its contiguous share; its share is
+        split into micro-batches of at most ``dro.max_tokens_per_microbatch`` padded tokens, each backpropagating
+        ``sum(per-question losses) x P / len(batch)`` with gradient sync deferred to its last micro-batch, where
+        DDP averages over the P processes: the update equals the one-process one. A process without a question in
+        the step backpropagates a zero loss, so that every process joins the all-reduce. A non-finite loss skips the
+        whole step on every process (and aborts if it keeps happening).
 
         Args:
             permutations: ``[B, m, k]``; weights: ``[B, m]`` importance weights (ones for the warm-up).
@@ -367,14 +398,24 @@ class DROTrainer:
         """
         score = self.selector.log_prob if role == "selector" else self.generator.log_likelihood
         objective = selector_loss if role == "selector" else generator_loss
+        mine = list(self.runtime.shard(len(batch)))
+        part, part_permutations, part_weights = [batch[i] for i in mine], permutations[mine], weights[mine]
+        plan = self._plan(role, part, part_permutations) if part else []
+        scale = self.runtime.world_size / len(batch)
+        model = self.units[role].prepared
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros(())
-        for micro in self._plan(role, batch, permutations):
-            part = [batch[i] for i in micro]
-            loss = objective(weights[micro], score(part, permutations[micro])).sum() / len(batch)
-            loss.backward()
+        for n, micro in enumerate(plan or [None]):
+            synced = n == max(len(plan), 1) - 1
+            with nullcontext() if synced else self.runtime.no_sync(model):
+                if micro is None:
+                    loss = self._zero_loss(role)
+                else:
+                    loss = objective(part_weights[micro], score([part[i] for i in micro], part_permutations[micro])).sum() * scale
+                loss.backward()
             total = total.to(loss.device) + loss.detach()
-        total = total.item()  # the step's one host sync: a non-finite part makes the sum non-finite
+        # the step's one host sync (and one all-reduce): a non-finite part anywhere makes the sum non-finite
+        total = self.runtime.sum(total.item()) / self.runtime.world_size
         if not math.isfinite(total):
             optimizer.zero_grad(set_to_none=True)
             self._skip_nan(role, state)
@@ -383,6 +424,13 @@ class DROTrainer:
         torch.nn.utils.clip_grad_norm_(self.units[role].parameters(), self.config.dro.max_grad_norm)
         optimizer.step()
         return total
+
+    def _zero_loss(self, role: str) -> torch.Tensor:
+        """A zero loss through ``role``'s prepared model, for a process with no question in a step."""
+        unit = self.units[role]
+        unit.activate()
+        ids = torch.tensor([[self.selector.tokenizer.pad_token_id]], device=self.selector.device)
+        return unit.prepared(input_ids=ids, logits_to_keep=1, use_cache=False).logits.float().sum() * 0.0
 
     def _skip_nan(self, role: str, state: LoopState | None) -> None:
         self.consecutive_nan += 1
@@ -426,14 +474,16 @@ class DROTrainer:
     # ---- validation, records, report ------------------------------------------------------------
 
     def _validate(self) -> dict:
+        """Greedy selection and answers on the validation set (each process its share), summarized over all."""
         self.phase = "validation"
-        with self._measure("validation", len(self.validation)), self._adapters_in_compute_dtype():
-            result = evaluate(
-                self.selector, self.generator, self.validation, self.config.eval_batch_size, self.track,
+        share = [self.validation[i] for i in self.runtime.shard(len(self.validation))]
+        with self._measure("validation", len(share)), self._adapters_in_compute_dtype():
+            predictions = predict(
+                self.selector, self.generator, share, self.config.eval_batch_size, self.track,
                 self.config.dro.max_tokens_per_microbatch,
             )
         crash_point("validation")
-        return result
+        return summarize(self.runtime.gather(predictions))
 
     def _record(self, state: LoopState, result: dict, iteration: int, stage: str = "dro") -> bool:
         """Append a metrics line (to the history and to metrics.jsonl); True when it is a new best F1 (stage "dro")."""
@@ -444,19 +494,21 @@ class DROTrainer:
             line.update({f"{role}_loss": sum(v) / len(v) for role, v in state.losses.items() if v})
             line.update({f"{role}_losses": v for role, v in state.losses.items() if v})  # one per optimizer step
             line["nan_batches"] = state.nan_batches
-        line["throughput"] = {phase: self.meters[phase].summary() for phase in PHASES if phase in self.meters}
+        meters = combine_meters(self.runtime.gather([self.meters]))  # all processes' work, as one figure
+        line["throughput"] = {phase: meters[phase].summary() for phase in PHASES if phase in meters}
         self.meters = {}
-        suffix = "" if stage == "dro" else f"_{stage}"
-        attribution = self.paths.root / "attribution" / f"iteration_{iteration:03d}{suffix}.json"
-        attribution.parent.mkdir(exist_ok=True)
-        atomic_write_text(attribution, json.dumps(question_ids(result["predictions"]), indent=1))
         state.history.append(line)
-        with self.paths.metrics.open("a") as out:
-            out.write(json.dumps(line) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        crash_point("metrics-appended")
-        self.reporter.log(line, first_step=sum(optimizer_steps(earlier) for earlier in state.history[:-1]))
+        if self.runtime.is_main:
+            suffix = "" if stage == "dro" else f"_{stage}"
+            attribution = self.paths.root / "attribution" / f"iteration_{iteration:03d}{suffix}.json"
+            attribution.parent.mkdir(exist_ok=True)
+            atomic_write_text(attribution, json.dumps(question_ids(result["predictions"]), indent=1))
+            with self.paths.metrics.open("a") as out:
+                out.write(json.dumps(line) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            crash_point("metrics-appended")
+            self.reporter.log(line, first_step=sum(optimizer_steps(earlier) for earlier in state.history[:-1]))
         self.log(
             f"iteration {iteration} ({stage}): EM {line['em']:.3f}  F1 {line['f1']:.3f}  recall {line['recall']:.3f}"
             + (f"  ESS {line['ess']:.2f}/{self.config.dro.num_samples}" if "ess" in line else "")
@@ -507,9 +559,11 @@ class DROTrainer:
     def _checkpoint(self, state: LoopState, new_best: bool = False) -> None:
         """Save the loop state; with a new best iteration, its adapters go into the checkpoint, then the run folder."""
         state.throughput = {phase: meter.to_dict() for phase, meter in self.meters.items()}
-        save_checkpoint(self.paths.checkpoint, state, self.units, self.optimizers, new_best)
-        if new_best:
-            self._publish_best(self.paths.checkpoint)
+        if self.runtime.is_main:  # every process holds the same adapters and optimizer states
+            save_checkpoint(self.paths.checkpoint, state, self.units, self.optimizers, new_best)
+            if new_best:
+                self._publish_best(self.paths.checkpoint)
+        self.runtime.wait()
 
     def _write_report(self, state: LoopState) -> dict:
         dro_lines = [line for line in state.history if line["stage"] == "dro"]
@@ -532,7 +586,8 @@ class DROTrainer:
             "history": state.history,
         }
         crash_point("report")
-        atomic_write_text(self.paths.report, json.dumps(report, indent=1))
+        if self.runtime.is_main:
+            atomic_write_text(self.paths.report, json.dumps(report, indent=1))
         return report
 
     @contextmanager

@@ -37,6 +37,13 @@ class AdapterUnit:
         self.model = model
         self.name = name
         self.trainable = trainable
+        self.prepared = model  # the data-parallel wrapper training runs through (Runtime.prepare), else the model
+
+    def scoring_model(self):
+        """The model a score runs through: the prepared (DDP) wrapper when gradients flow, so its hooks see every
+        differentiable forward; the plain model otherwise (sampling and generation need no gradient sync, and the
+        processes run different numbers of them)."""
+        return self.prepared if torch.is_grad_enabled() else self.model
 
     def activate(self) -> None:
         """Make this adapter the active one (a no-op when it already is)."""

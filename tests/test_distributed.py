@@ -1,0 +1,151 @@
+"""Several processes (torchrun, gloo on CPU) give the one-process result: shards, gradients, samples, adapters."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dro_plugins.data import write_examples
+from dro_plugins.runtime import shard_range
+from dro_plugins.synthetic import make_dataset
+from dro_plugins.throughput import PhaseMeter, combine_meters
+from tests.conftest import tiny_run_config
+
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+
+
+def test_shards_are_contiguous_balanced_and_in_order():
+    assert [list(shard_range(10, r, 3)) for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [list(shard_range(2, r, 3)) for r in range(3)] == [[0], [1], []]  # a process may get nothing
+    assert [list(shard_range(5, 0, 1))] == [[0, 1, 2, 3, 4]]
+
+
+def test_meters_of_processes_add_up():
+    combined = combine_meters([
+        {"sampling": PhaseMeter(seconds=2.0, questions=5, tokens=100, peak_memory_gib=3.0)},
+        {"sampling": PhaseMeter(seconds=3.0, questions=4, tokens=80, peak_memory_gib=2.5)},
+    ])
+    # side by side: the phase lasted as long as the slower process, and did both processes' work
+    assert combined["sampling"] == PhaseMeter(seconds=3.0, questions=9, tokens=180, peak_memory_gib=3.0)
+    assert combined["sampling"].summary()["questions_per_s"] == 3.0
+
+
+def _config(tmp_path, name: str) -> str:
+    train = write_examples(make_dataset(10, 6, seed=3), tmp_path / "train.jsonl")  # 10: uneven over 3 processes
+    validation = write_examples(make_dataset(5, 6, seed=4), tmp_path / "validation.jsonl")
+    tree = tiny_run_config(
+        str(train), str(validation), str(tmp_path / name), data={"num_candidates": 6},
+        dro={"iterations": 2, "num_samples": 3, "batch_size": 4, "patience": 5},
+        warmup={"generator_steps": 2, "selector_steps": 2, "batch_size": 4}, eval_batch_size=3, report_to="none",
+    )
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(tree))
+    return str(path)
+
+
+def _optimize(config: str, processes: int, **env) -> subprocess.CompletedProcess:
+    launch = [TORCHRUN, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    command = [*launch, "-m", "dro_plugins.cli.main", "optimize", config]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def _samples(run, iteration):
+    return [json.loads(line) for line in (run / "samples" / f"iteration_{iteration:03d}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_two_and_three_processes_reach_the_one_process_result(tmp_path):
+    runs = {}
+    for processes in (1, 2, 3):
+        name = f"p{processes}"
+        result = _optimize(_config(tmp_path, name), processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = tmp_path / name
+    one = runs[1]
+    for processes in (2, 3):
+        run = runs[processes]
+        for iteration in (1, 2):  # same questions, same order, same draws (seeded per question, never per rank)
+            mine, theirs = _samples(run, iteration), _samples(one, iteration)
+            assert [s["id"] for s in mine] == [s["id"] for s in theirs]
+            assert [s["permutations"] for s in mine] == [s["permutations"] for s in theirs]
+            for a, b in zip(mine, theirs):  # float sums differ with batch neighbours, in the 7th digit
+                for key in ("selector_log_probs", "log_likelihoods", "weights"):
+                    assert a[key] == pytest.approx(b[key], abs=1e-5)
+        for role in ("selector", "generator"):
+            a, b = load_file(run / role / "adapter_model.safetensors"), load_file(one / role / "adapter_model.safetensors")
+            assert a.keys() == b.keys()
+            for key in a:  # AdamW's normalised step magnifies float-order noise where a gradient is ~0
+                torch.testing.assert_close(a[key], b[key], atol=5e-5, rtol=1e-4)
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        reference = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+        for a, b in zip(lines, reference, strict=True):
+            assert (a["em"], a["f1"], a["recall"], a["attribution"]) == (b["em"], b["f1"], b["recall"], b["attribution"])
+            assert a["answer_log_likelihood"] == pytest.approx(b["answer_log_likelihood"], abs=1e-4)
+        # throughput counts every process's questions once
+        assert lines[-1]["throughput"]["sampling"]["questions_per_s"] * lines[-1]["throughput"]["sampling"]["seconds"] == pytest.approx(10, rel=0.01)
+
+
+GRADIENTS = textwrap.dedent(
+    """
+    import sys, torch
+    from dro_plugins.config import RunConfig, load_config
+    from dro_plugins.data import load_run_data
+    from dro_plugins.run import build_models
+    from dro_plugins.runtime import Runtime
+    from dro_plugins.trainer import DROTrainer
+
+    config = load_config(sys.argv[1])
+    runtime = Runtime.from_environment("cpu")
+    with runtime.main_first():
+        selector, generator = build_models(config, config.output_dir)
+    train, validation = load_run_data(config)
+    trainer = DROTrainer(config, selector, generator, train, validation, config.output_dir, runtime=runtime)
+    batch = train[:5]  # 5 questions: shares 3 and 2
+    permutations = torch.tensor([[[0, 1], [2, 3], [4, 5]]] * 5)
+    weights = torch.tensor([[0.5, 0.3, 0.2]] * 5)
+    grads = {}
+    for role in ("selector", "generator"):
+        trainer.step(role, batch, permutations, weights, trainer.optimizers[role])
+        grads[role] = {n: p.grad.clone() for n, p in trainer.units[role].named_parameters() if p.grad is not None}
+    if runtime.is_main:
+        torch.save(grads, sys.argv[2])
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_gradients_after_one_ddp_step_equal_the_one_process_gradients(tmp_path):
+    script = tmp_path / "grads.py"
+    script.write_text(GRADIENTS)
+    grads = {}
+    for processes in (1, 2):
+        out = tmp_path / f"grads{processes}.pt"
+        launch = [TORCHRUN, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+        result = subprocess.run([*launch, str(script), _config(tmp_path, f"g{processes}"), str(out)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        grads[processes] = torch.load(out)
+    for role in ("selector", "generator"):
+        one, two = grads[1][role], grads[2][role]
+        assert one.keys() == two.keys() and len(one) > 0
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_a_killed_process_ends_the_run_and_a_rerun_with_another_count_resumes(tmp_path):
+    config = _config(tmp_path, "killed")
+    died = _optimize(config, 2, DRO_KILL_AT="m-step", DRO_KILL_RANK="1")  # rank 1 SIGKILLed in the M-step
+    assert died.returncode != 0  # the survivor errors out (or torchrun stops it) instead of waiting forever
+    resumed = _optimize(config, 3)  # shards are recomputed from the count, M-step batches are global: any count resumes
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout + resumed.stderr
+    assert json.loads((tmp_path / "killed" / "report.json").read_text())["stopped"] == "completed"
