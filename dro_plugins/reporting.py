@@ -14,9 +14,6 @@ from typing import Protocol
 
 from dro_plugins.errors import DROError
 
-REPORT_TO = ("auto", "none", "tensorboard", "wandb")
-
-
 class Reporter(Protocol):
     def log(self, line: dict, first_step: int = 0) -> None:
         """Report one metrics line; its per-step M-step losses start at optimizer step ``first_step`` of the run."""
