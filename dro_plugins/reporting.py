@@ -14,6 +14,7 @@ from typing import Protocol
 
 from dro_plugins.errors import DROError
 
+
 class Reporter(Protocol):
     def log(self, line: dict, first_step: int = 0) -> None:
         """Report one metrics line; its per-step M-step losses start at optimizer step ``first_step`` of the run."""
@@ -28,7 +29,7 @@ def scalars(line: dict, prefix: str = "") -> dict[str, float]:
     for key, value in line.items():
         if isinstance(value, dict):
             found.update(scalars(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("iteration",):
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "iteration":
             found[f"{prefix}{key}"] = float(value)
     return found
 
@@ -103,9 +104,8 @@ def open_reporter(report_to: str, run_dir: Path, config: dict) -> Reporter:
         report_to = "tensorboard" if installed("tensorboard") else "none"
     if report_to == "none":
         return NoReporter()
-    package = {"tensorboard": "tensorboard", "wandb": "wandb"}[report_to]
-    if not installed(package):
-        raise DROError(f"report_to: {report_to} needs the {package} package; pip install {package}, or set report_to: none")
+    if not installed(report_to):  # the tracker and its package share a name
+        raise DROError(f"report_to: {report_to} needs the {report_to} package; pip install {report_to}, or set report_to: none")
     if report_to == "tensorboard":
         return TensorBoardReporter(run_dir / "tensorboard")
     return WandbReporter(run_dir / "wandb", run_dir.name, config)

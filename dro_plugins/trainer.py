@@ -42,12 +42,11 @@ from dro_plugins.objective import (
     weight_entropy,
 )
 from dro_plugins.progress import Track, no_progress
-from dro_plugins.run import RunPaths
 from dro_plugins.reporting import NoReporter, Reporter, open_reporter, optimizer_steps
-from dro_plugins.throughput import PHASES, PhaseMeter, combine_meters, measure
+from dro_plugins.run import RunPaths
 from dro_plugins.runtime import Runtime, is_out_of_memory
 from dro_plugins.selector import LMSelector, question_seed
-
+from dro_plugins.throughput import PHASES, PhaseMeter, combine_meters, measure
 
 
 class Interrupted(DROError):
@@ -427,9 +426,9 @@ class DROTrainer:
 
     def _zero_loss(self, role: str) -> torch.Tensor:
         """A zero loss through ``role``'s prepared model, for a process with no question in a step."""
-        unit = self.units[role]
+        unit, model = self.units[role], self.selector if role == "selector" else self.generator
         unit.activate()
-        ids = torch.tensor([[self.selector.tokenizer.pad_token_id]], device=self.selector.device)
+        ids = torch.tensor([[model.tokenizer.pad_token_id]], device=model.device)  # its own vocabulary and device
         return unit.prepared(input_ids=ids, logits_to_keep=1, use_cache=False).logits.float().sum() * 0.0
 
     def _skip_nan(self, role: str, state: LoopState | None) -> None:
