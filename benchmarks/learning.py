@@ -46,7 +46,8 @@ from dro_plugins.evaluation import batches, evaluate  # noqa: E402
 from dro_plugins.plots import pyplot, save_figure  # noqa: E402
 from dro_plugins.run import build_models  # noqa: E402
 from dro_plugins.synthetic import make_dataset, make_entity_dataset  # noqa: E402
-from dro_plugins.trainer import DROTrainer, positive_candidates  # noqa: E402
+from dro_plugins.supervision import positive_candidates  # noqa: E402
+from dro_plugins.trainer import DROTrainer  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 METHODS = ("dro", "no_selector_training", "no_generator_training", "unweighted", "sft_first_k")

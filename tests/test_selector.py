@@ -8,7 +8,7 @@ import torch
 
 from dro_plugins.data import Example, Passage
 from dro_plugins.objective import importance_weights, selector_loss
-from dro_plugins.selector import LMSelector
+from dro_plugins.selectors.lm import LMSelector
 
 
 def toy_example(n: int) -> Example:

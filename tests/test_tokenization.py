@@ -12,7 +12,7 @@ from dro_plugins.generator import LMGenerator
 from dro_plugins.models import add_lora, load_pretrained
 from dro_plugins.permutation import PermutationGrammar, permutation_text
 from dro_plugins.prompts import render, selector_prompt
-from dro_plugins.selector import LMSelector
+from dro_plugins.selectors.lm import LMSelector
 from dro_plugins.tokenization import chat_format
 from tests.conftest import REAL_TOKENIZERS
 

@@ -8,7 +8,7 @@ import torch
 from dro_plugins.data import write_examples
 from dro_plugins.errors import TrainingError
 from dro_plugins.synthetic import make_dataset
-from dro_plugins.trainer import supervised_permutation
+from dro_plugins.supervision import supervised_permutation
 from tests.conftest import make_trainer, tiny_run_config
 
 

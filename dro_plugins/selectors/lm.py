@@ -12,9 +12,7 @@ its batch or micro-batch.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -25,6 +23,7 @@ from dro_plugins.lm import compute_dtype, greedy_generate, left_pad
 from dro_plugins.packing import additive_mask, decode_step_mask, pack_shared_prefix
 from dro_plugins.permutation import DecodingState, PermutationGrammar
 from dro_plugins.prompts import render, selector_prompt
+from dro_plugins.selectors.base import SampleBatch, draw_seed, gumbel_noise, question_seed
 from dro_plugins.tokenization import encode_prompt
 from dro_plugins.units import AdapterUnit
 
@@ -32,38 +31,9 @@ from dro_plugins.units import AdapterUnit
 SAMPLES_PER_ROW = 64
 
 
-@dataclass
-class SampleBatch:
-    """Permutations drawn in an E-step.
-
-    Attributes:
-        permutations: ``[B, m, k]`` long, 0-based candidate indices, best first.
-        log_probs: ``[B, m]`` log-probability of each permutation under the sampling distribution
-            (the selector at the sampling temperature, constrained).
-    """
-
-    permutations: torch.Tensor
-    log_probs: torch.Tensor
-
-
 def _masked_log_softmax(scores: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:
     """log-softmax over the valid entries of the last dim; invalid entries get -inf."""
     return (scores / temperature).masked_fill(~valid, float("-inf")).log_softmax(-1)
-
-
-def question_seed(seed: int, question_id: str) -> int:
-    """A 63-bit seed from a run-level seed and a question id, the same in every process and platform."""
-    digest = hashlib.blake2b(f"{seed}:{question_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def gumbel_noise(seed: int, num_samples: int, steps: int, width: int) -> torch.Tensor:
-    """Standard Gumbel noise ``[m, steps, width]`` from a CPU generator seeded with ``seed``.
-
-    ``argmax(log p + g)`` over the allowed tokens of a step is an exact draw from ``p`` (the Gumbel-max trick).
-    """
-    uniform = torch.rand(num_samples, steps, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return -torch.log(-torch.log(uniform.clamp(1e-300, 1 - 1e-16))).float()
 
 
 class LMSelector:
@@ -180,10 +150,7 @@ class LMSelector:
         Returns:
             :class:`SampleBatch` with permutations ``[B, m, k]`` and their log-probs ``[B, m]``.
         """
-        if isinstance(rng, int):
-            seed = rng
-        else:
-            seed = int(torch.randint(2**62, (), generator=rng).item())
+        seed = draw_seed(rng)
         grammars = [self.grammar(len(ex.candidates), self.top_k) for ex in batch]
         # each question's noise has its own grammar's shape, so it is the same whatever else is in the batch
         noise = torch.zeros(len(batch), num_samples, max(g.max_length for g in grammars), max(g.num_candidates for g in grammars))
@@ -197,6 +164,10 @@ class LMSelector:
         """Greedy constrained decoding for inference: the top-k candidate indices (0-based) per question."""
         permutations, _ = self._decode(batch, k or self.top_k, 1.0, None)
         return permutations[:, 0].tolist()
+
+    def candidates(self, batch: Sequence[Example]) -> list[Example]:
+        """The questions as they are: the LM selector ranks the pool the questions came with."""
+        return list(batch)
 
     def write(self, batch: Sequence[Example], k: int | None = None, max_new_tokens: int = 64) -> list[str]:
         """Unconstrained greedy decoding: the selector's raw text per question, e.g. ``"[3] > [1]"``.

@@ -1,0 +1,1 @@
+"""Selector kinds behind one protocol (:mod:`dro_plugins.selectors.base`): the LM selector and the retriever."""

@@ -1,0 +1,193 @@
+"""The retriever selector: a bi-encoder's similarity scores and a Plackett-Luce distribution over top-k lists.
+
+Scores ``s_i = cos(q(x), d_i) / tau`` come from a sentence-transformers query tower ``q`` (trainable, in full) and a
+frozen document tower ``d`` (so a pipeline's document index stays valid without re-embedding), with a trainable
+temperature ``tau``. ``p(z | x)`` is Plackett-Luce over the question's pool (:mod:`dro_plugins.selectors.plackett_luce`):
+exact ``log_prob``, exact samples by Gumbel top-k, greedy selection = the top-k by score, which is what the
+retriever itself returns. Iteration 0 is therefore the pretrained retriever's own ranking.
+
+With an index (:class:`dro_plugins.selectors.index.DenseIndex`), :meth:`RetrieverSelector.candidates` re-retrieves
+each question's pool as the index's top-n for the current query tower, so training moves what is retrieved, not
+only the order of a fixed list. ``p(z | x)`` is then normalised over that top-n pool instead of the whole corpus
+(the approximation RePlug and Atlas make): the passages outside the pool get no probability mass. A larger n makes
+the approximation tighter (at n = corpus size it is exact) and the E-step samples more varied; with the peaked
+scores of a trained retriever the mass beyond the top few dozen is small.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from dro_plugins.batching import Shape
+from dro_plugins.data import Example, Passage
+from dro_plugins.metrics import passage_has_answer
+from dro_plugins.selectors import plackett_luce
+from dro_plugins.selectors.base import SampleBatch, draw_seed, gumbel_noise, question_seed
+from dro_plugins.units import EncoderUnit
+
+EMBEDDING_BATCH = 64  # passages per forward of the document tower
+
+
+def passage_text(passage: Passage) -> str:
+    """The text a document tower embeds: title and text on two lines (Haystack's ``meta_fields_to_embed=["title"]``
+    with its default separator)."""
+    return f"{passage.title}\n{passage.text}" if passage.title else passage.text
+
+
+def features_on(encoder, texts: Sequence[str], device: torch.device) -> dict:
+    """``encoder.preprocess(texts)`` with its tensors on ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in encoder.preprocess(list(texts)).items()}
+
+
+@torch.no_grad()
+def embed(encoder, texts: Sequence[str], batch_size: int = EMBEDDING_BATCH) -> torch.Tensor:
+    """Unit-length embeddings ``[N, d]`` (float32, on the encoder's device) of ``texts``, without gradient."""
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    out = [
+        torch.nn.functional.normalize(encoder(features_on(encoder, texts[i : i + batch_size], device))["sentence_embedding"].float(), dim=-1)
+        for i in range(0, len(texts), batch_size)
+    ]
+    encoder.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, encoder.get_sentence_embedding_dimension(), device=device)
+
+
+class BiEncoderScorer(torch.nn.Module):
+    """The trainable part of the retriever selector: the query tower and ``log tau``, one module so that a
+    data-parallel wrapper sees (and averages) every trainable parameter.
+
+    Args:
+        query_encoder: a ``SentenceTransformer``.
+        temperature: initial tau (cosine similarities are divided by it).
+        train_temperature: whether tau is trained.
+        temperature_learning_rate: the learning rate of ``log tau``.
+    """
+
+    def __init__(self, query_encoder, temperature: float, train_temperature: bool = True, temperature_learning_rate: float = 1e-2):
+        super().__init__()
+        self.encoder = query_encoder
+        self.train_temperature = train_temperature
+        self.temperature_learning_rate = temperature_learning_rate
+        self.log_temperature = torch.nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=train_temperature)
+
+    @property
+    def temperature(self) -> float:
+        return float(self.log_temperature.exp())
+
+    def forward(self, features: dict, documents: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, n]`` = cos(q, d_i) / tau for queries ``features`` (B texts) and unit documents ``[B, n, d]``."""
+        queries = torch.nn.functional.normalize(self.encoder(features)["sentence_embedding"].float(), dim=-1)
+        return torch.einsum("bd,bnd->bn", queries, documents) / self.log_temperature.exp()
+
+
+class RetrieverSelector:
+    """A Plackett-Luce selector over a bi-encoder's scores (``selector.kind: retriever``).
+
+    Args:
+        scorer: the query tower and temperature (:class:`BiEncoderScorer`).
+        document_encoder: the frozen document tower (a ``SentenceTransformer``).
+        top_k: k.
+        index: where :meth:`candidates` re-retrieves pools from; None keeps the questions' own pools.
+        num_candidates: n, the pool size re-retrieved from ``index``.
+    """
+
+    def __init__(self, scorer: BiEncoderScorer, document_encoder, top_k: int, index=None, num_candidates: int = 20):
+        self.scorer = scorer
+        self.model = scorer
+        self.document_encoder = document_encoder.requires_grad_(False)
+        self.top_k = top_k
+        self.index = index
+        self.num_candidates = num_candidates
+        self.unit = EncoderUnit(scorer)
+        self.tokenizer = scorer.encoder.tokenizer
+        self._documents: dict[tuple[str, str], torch.Tensor] = {}  # passage (title, text) -> unit embedding [d]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.scorer.parameters()).device
+
+    def activate(self) -> None:
+        """Nothing to switch: the query tower is a model of its own."""
+
+    def remember(self, passages: Sequence[Passage], embeddings: torch.Tensor) -> None:
+        """Keep document-tower embeddings ``[N, d]`` computed elsewhere (an index built with the same tower)."""
+        for passage, vector in zip(passages, embeddings):
+            self._documents[(passage.title, passage.text)] = vector.to(self.device)
+
+    def documents(self, batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Document embeddings ``[B, n, d]`` of each question's pool (zeros past its end) and ``valid`` ``[B, n]``.
+
+        The document tower is frozen, so each passage is embedded once and kept.
+        """
+        missing = {(p.title, p.text): p for ex in batch for p in ex.candidates if (p.title, p.text) not in self._documents}
+        if missing:
+            self.remember(list(missing.values()), embed(self.document_encoder, [passage_text(p) for p in missing.values()]))
+        width = max(len(ex.candidates) for ex in batch)
+        dim = self.document_encoder.get_sentence_embedding_dimension()
+        documents = torch.zeros(len(batch), width, dim, device=self.device)
+        valid = torch.zeros(len(batch), width, dtype=torch.bool, device=self.device)
+        for b, example in enumerate(batch):
+            if example.candidates:
+                documents[b, : len(example.candidates)] = torch.stack([self._documents[(p.title, p.text)] for p in example.candidates])
+            valid[b, : len(example.candidates)] = True
+        return documents, valid
+
+    def scores(self, batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s = cos(q(x), d_i) / tau`` ``[B, n]`` (differentiable when grad is enabled) and ``valid`` ``[B, n]``."""
+        documents, valid = self.documents(batch)
+        features = features_on(self.scorer.encoder, [ex.question for ex in batch], self.device)
+        return self.unit.scoring_model()(features, documents), valid
+
+    def shape(self, example: Example, num_samples: int, top_k: int | None = None) -> Shape:
+        """One row: the question's tokens (the pool's embeddings are kept, not recomputed)."""
+        return Shape(1, len(self.tokenizer(example.question)["input_ids"]))
+
+    @torch.no_grad()
+    def sample(self, batch: Sequence[Example], num_samples: int, temperature: float = 1.0, rng=None) -> SampleBatch:
+        """m exact Plackett-Luce draws per question at ``temperature`` (Gumbel top-k on ``s / temperature``).
+
+        Each question's noise is seeded from ``(seed, question id)``, so draws do not depend on batch neighbours.
+
+        Returns:
+            permutations ``[B, m, k]`` and their log-probs ``[B, m]`` at ``temperature`` (CPU).
+        """
+        seed = draw_seed(rng)
+        scores, valid = self.scores(batch)
+        scores = scores / temperature
+        noise = torch.zeros(len(batch), num_samples, scores.shape[1])
+        for b, example in enumerate(batch):
+            noise[b, :, : len(example.candidates)] = gumbel_noise(question_seed(seed, example.id), num_samples, len(example.candidates))
+        permutations = plackett_luce.gumbel_top_k(scores, self.top_k, noise, valid)
+        return SampleBatch(permutations.cpu(), plackett_luce.log_prob(scores, permutations, valid).cpu())
+
+    def log_prob(self, batch: Sequence[Example], permutations: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Differentiable Plackett-Luce log p(z | x) ``[B, m]`` of ``permutations`` ``[B, m, k]`` (float32).
+
+        Gradients reach the query tower and tau only; the document embeddings are constants.
+        """
+        scores, valid = self.scores(batch)
+        return plackett_luce.log_prob(scores / temperature, permutations.to(scores.device), valid)
+
+    @torch.no_grad()
+    def select(self, batch: Sequence[Example], k: int | None = None) -> list[list[int]]:
+        """The top-k candidates by score, best first (the most likely Plackett-Luce list)."""
+        scores, valid = self.scores(batch)
+        return plackett_luce.greedy(scores, min(k or self.top_k, scores.shape[1]), valid).tolist()
+
+    @torch.no_grad()
+    def candidates(self, batch: Sequence[Example]) -> list[Example]:
+        """Each question with the index's top-n passages for the current query tower (labelled ``has_answer`` by
+        answer match), or unchanged without an index."""
+        if self.index is None or not batch:
+            return list(batch)
+        queries = embed(self.scorer.encoder, [ex.question for ex in batch])
+        pools = self.index.search(queries, self.num_candidates)
+        return [
+            replace(ex, candidates=tuple(replace(p, has_answer=passage_has_answer(p, ex.answers)) for p in pool))
+            for ex, pool in zip(batch, pools)
+        ]
