@@ -1,4 +1,5 @@
-"""The LM selector: constrained sampling matches its own log-probabilities; gradients match the EM target."""
+"""The LM selector: valid permutations, gradients that match the EM target (sampling against ``log_prob`` is in
+tests/test_selector_contract.py, over every selector kind)."""
 
 import itertools
 import math
@@ -23,34 +24,6 @@ def peaky_selector(tiny_lm, tokenizer, top_k, scale=40.0):
         head = model.base_model.model.lm_head.modules_to_save["default"]
         head.weight.mul_(scale)
     return LMSelector(model, tokenizer, top_k=top_k, max_passage_words=10)
-
-
-def all_log_probs(selector, example, top_k, temperature=1.0):
-    perms = list(itertools.permutations(range(len(example.candidates)), top_k))
-    with torch.no_grad():
-        lp = selector.log_prob([example], torch.tensor(perms)[None], temperature)[0]
-    return perms, lp
-
-
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_sampling_frequencies_match_log_prob(tiny_lm, tokenizer, temperature):
-    example = toy_example(4)
-    selector = peaky_selector(tiny_lm, tokenizer, top_k=2)
-    perms, lp = all_log_probs(selector, example, 2, temperature)
-    exact = lp.exp()
-    assert exact.sum().item() == pytest.approx(1.0, abs=1e-4)  # a distribution over the 12 permutations
-    assert exact.max().item() > 2 / len(perms)  # far from uniform, so the test can tell samplers apart
-    draws = selector.sample([example], 4000, temperature, torch.Generator().manual_seed(0))
-    index = {p: i for i, p in enumerate(perms)}
-    counts = torch.zeros(len(perms))
-    for p in draws.permutations[0].tolist():
-        counts[index[tuple(p)]] += 1
-    total_variation = 0.5 * (counts / counts.sum() - exact).abs().sum().item()
-    assert total_variation < 0.04
-    # the log-prob reported at sampling time is the one log_prob computes (same masks, same temperature)
-    with torch.no_grad():
-        rescored = selector.log_prob([example], draws.permutations[:, :50], temperature)
-    assert torch.allclose(rescored, draws.log_probs[:, :50], atol=1e-4)
 
 
 def test_samples_are_valid_permutations(tiny_lm, tokenizer):

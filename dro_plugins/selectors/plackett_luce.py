@@ -25,9 +25,9 @@ def log_prob(scores: torch.Tensor, permutations: torch.Tensor, valid: torch.Tens
         valid: ``[B, n]`` bool, False for padding candidates (questions with fewer than n); None = all valid.
 
     Returns:
-        ``[B, m]`` log-probabilities in float32, differentiable in ``scores``.
+        ``[B, m]`` log-probabilities in float32 (float64 for float64 scores), differentiable in ``scores``.
     """
-    scores = scores.float()
+    scores = scores if scores.dtype == torch.float64 else scores.float()
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
     batch, num_samples, top_k = permutations.shape

@@ -54,7 +54,7 @@ def embed(encoder, texts: Sequence[str], batch_size: int = EMBEDDING_BATCH) -> t
         for i in range(0, len(texts), batch_size)
     ]
     encoder.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, encoder.get_sentence_embedding_dimension(), device=device)
+    return torch.cat(out) if out else torch.zeros(0, encoder.get_embedding_dimension(), device=device)
 
 
 class BiEncoderScorer(torch.nn.Module):
@@ -70,14 +70,21 @@ class BiEncoderScorer(torch.nn.Module):
 
     def __init__(self, query_encoder, temperature: float, train_temperature: bool = True, temperature_learning_rate: float = 1e-2):
         super().__init__()
-        self.encoder = query_encoder
+        self.encoder = query_encoder.eval()
         self.train_temperature = train_temperature
         self.temperature_learning_rate = temperature_learning_rate
         self.log_temperature = torch.nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=train_temperature)
 
     @property
     def temperature(self) -> float:
-        return float(self.log_temperature.exp())
+        return self.log_temperature.detach().exp().item()
+
+    def train(self, mode: bool = True) -> BiEncoderScorer:
+        """Keep the encoder's dropout off in training too: log p(z | x) must be the same function when the E-step
+        samples and when the M-step scores, or the importance weights are not exact."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
 
     def forward(self, features: dict, documents: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, n]`` = cos(q, d_i) / tau for queries ``features`` (B texts) and unit documents ``[B, n, d]``."""
@@ -128,7 +135,7 @@ class RetrieverSelector:
         if missing:
             self.remember(list(missing.values()), embed(self.document_encoder, [passage_text(p) for p in missing.values()]))
         width = max(len(ex.candidates) for ex in batch)
-        dim = self.document_encoder.get_sentence_embedding_dimension()
+        dim = self.document_encoder.get_embedding_dimension()
         documents = torch.zeros(len(batch), width, dim, device=self.device)
         valid = torch.zeros(len(batch), width, dtype=torch.bool, device=self.device)
         for b, example in enumerate(batch):
