@@ -4,7 +4,6 @@ tests/test_selector_contract.py, over every selector kind)."""
 import itertools
 import math
 
-import pytest
 import torch
 
 from dro_plugins.data import Example, Passage
