@@ -7,10 +7,17 @@ Methods (all on the same task, seeds, warm-ups and number of M-step batches):
   (paper Table 4, "w/o selector");
 - ``no_generator_training``: the generator stays at its warm-up state, the selector is trained ("w/o generator");
 - ``unweighted``: every sample weighted 1/m (what the authors' released code amounts to);
-- ``sft_first_k``: no selector; the generator is fine-tuned on the first-stage top-k (standard RAG fine-tuning).
+- ``sft_first_k``: no selector; the generator is fine-tuned on the first-stage top-k (standard RAG fine-tuning);
+- ``supervised_selector``: the LM selector trained on the labelled positives (an upper bound for what selection
+  can learn from the labels), the generator frozen;
+- ``retriever_dro``: DRO with the retriever selector (``selector.kind: retriever``: Plackett-Luce over
+  all-MiniLM-L6-v2's scores; its query tower and temperature trained), the generator from the same warm-up;
+- ``retriever_supervised``: the same retriever trained on the labelled positives (its upper bound).
 
 Each (task, seed) warms up once (paper §6.4) and every method starts from that state, so iteration 0 is
-the same for all methods that use the selector. Prints a table; writes ``results.json`` and PNG plots to
+the same for all methods that use the LM selector; the retriever methods start from the pretrained retriever and
+the warmed-up generator. The supervised methods use the trainer's own optimizer step (``DROTrainer.step``) with
+weight 1 on the supervised permutation, for the same number of batches as DRO's M-step. Prints a table; writes ``results.json`` and PNG plots to
 ``--out``. ``--quick`` is a few-minute version used by the test suite.
 
     python benchmarks/learning.py --out benchmarks/results/learning
@@ -23,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -44,19 +52,24 @@ from dro_plugins.config import RunConfig  # noqa: E402
 from dro_plugins.data import Example, load_examples  # noqa: E402
 from dro_plugins.evaluation import batches, evaluate  # noqa: E402
 from dro_plugins.plots import pyplot, save_figure  # noqa: E402
-from dro_plugins.run import build_models  # noqa: E402
+from dro_plugins.run import build_models, load_model, load_retriever_selector, make_generator  # noqa: E402
 from dro_plugins.synthetic import make_dataset, make_entity_dataset  # noqa: E402
-from dro_plugins.supervision import positive_candidates  # noqa: E402
+from dro_plugins.supervision import positive_candidates, supervised_permutation  # noqa: E402
 from dro_plugins.trainer import DROTrainer  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 METHODS = ("dro", "no_selector_training", "no_generator_training", "unweighted", "sft_first_k")
+SELECTION_METHODS = ("supervised_selector", "retriever_dro", "retriever_supervised")  # full runs only, by default
 METHOD_SETTINGS = {
     "dro": {},
     "no_selector_training": {"train_selector": False},
     "no_generator_training": {"train_generator": False},
     "unweighted": {"weighting": "uniform"},
+    "supervised_selector": {"train_generator": False},
+    "retriever_dro": {},
+    "retriever_supervised": {"train_generator": False},
 }
+RETRIEVER = {"kind": "retriever", "max_seq_length": 128}
 METRICS = ("em", "f1", "recall")
 DIAGNOSTICS = ("ess", "weight_entropy", "distinct_samples", "sample_recall")
 TINY_LORA = {"rank": 8, "alpha": 16, "modules_to_save": ["embed_tokens", "lm_head"]}
@@ -132,8 +145,9 @@ def chance_recall(examples: Sequence[Example], top_k: int) -> float:
     return total / len(examples)
 
 
-def run_config(task: Task, seed: int, output_dir: Path, **dro) -> RunConfig:
-    """The run config of one method run: tiny models, the task's sections, ``dro`` overrides, no early stopping."""
+def run_config(task: Task, seed: int, output_dir: Path, retriever: bool = False, **dro) -> RunConfig:
+    """The run config of one method run: tiny models (or the retriever selector), the task's sections, ``dro``
+    overrides, no early stopping."""
     tree = {
         "data": {"train": "unused", "validation": "unused", "num_candidates": task.num_candidates},
         "selector": {"model": "tiny-llama", "top_k": task.top_k, "lora": dict(TINY_LORA)},
@@ -147,6 +161,8 @@ def run_config(task: Task, seed: int, output_dir: Path, **dro) -> RunConfig:
         tree.setdefault(key, {}).update(value)
     tree["dro"] = {**tree["dro"], **dro}
     tree["dro"]["patience"] = tree["dro"]["iterations"] + 1  # every method runs the whole budget
+    if retriever:
+        tree["selector"] = {**RETRIEVER, "top_k": task.top_k}
     return RunConfig.model_validate(tree)
 
 
@@ -192,6 +208,32 @@ def sft_first_k(trainer: DROTrainer) -> list[dict]:
     return history
 
 
+def supervised_selector(trainer: DROTrainer) -> list[dict]:
+    """Train the selector on the labelled positives with the trainer's own M-step optimizer step (weight 1 on the
+    supervised permutation: positives first), the generator frozen; the same batch count as DRO's M-step.
+
+    Returns:
+        the per-iteration history ``[{"iteration", "em", "f1", "recall"}]``, iteration 0 before training.
+    """
+    config = trainer.config
+    k, labelled = config.selector.top_k, [ex for ex in trainer.train_set if positive_candidates(ex)]
+    rng = random.Random(config.seed)
+
+    def validate(iteration: int) -> dict:
+        result = evaluate(trainer.selector, trainer.generator, trainer.validation, config.eval_batch_size)
+        return {"iteration": iteration, **{name: result[name] for name in METRICS}}
+
+    history = [validate(0)]
+    for iteration in range(1, config.dro.iterations + 1):
+        trainer.selector.model.train()
+        for start in range(0, len(trainer.train_set), config.dro.batch_size):
+            batch = rng.sample(labelled, min(config.dro.batch_size, len(labelled)))
+            permutations = torch.tensor([supervised_permutation(ex, k, rng) for ex in batch])[:, None]
+            trainer.step("selector", batch, permutations, torch.ones(len(batch), 1), trainer.optimizers["selector"])
+        history.append(validate(iteration))
+    return history
+
+
 def _history(report: dict) -> list[dict]:
     keep = ("iteration",) + METRICS + DIAGNOSTICS
     return [{key: line[key] for key in keep if key in line} for line in report["history"] if line["stage"] == "dro"]
@@ -228,12 +270,23 @@ def run_method(task: Task, seed: int, method: str, num_samples: int, warm: Path,
     """
     torch.set_num_threads(1)
     train, validation = _questions(task, seed)
-    config = run_config(task, seed, folder, **METHOD_SETTINGS.get(method, {}), num_samples=num_samples)
+    retriever = method.startswith("retriever")
+    config = run_config(task, seed, folder, retriever, **METHOD_SETTINGS.get(method, {}), num_samples=num_samples)
     config.warmup.generator_steps = config.warmup.selector_steps = 0  # the shared warm-up replaces it
-    selector, generator = build_models(config, warm, adapters=warm)
+    if retriever:  # the pretrained retriever, and the warm-up's generator on the warm-up's (shared) tiny base
+        shutil.copytree(warm / "base" / "selector", folder / "base" / "generator")
+        selector = load_retriever_selector(config, folder)
+        generator = make_generator(config, *load_model(config, "generator", folder, adapters=warm))
+    else:
+        selector, generator = build_models(config, warm, adapters=warm)
     started = time.perf_counter()
     trainer = DROTrainer(config, selector, generator, train, validation, folder)
-    history = sft_first_k(trainer) if method == "sft_first_k" else _history(trainer.fit())
+    if method == "sft_first_k":
+        history = sft_first_k(trainer)
+    elif method.endswith("supervised") or method == "supervised_selector":
+        history = supervised_selector(trainer)
+    else:
+        history = _history(trainer.fit())
     shutil.rmtree(folder, ignore_errors=True)  # samples and checkpoints are not needed afterwards
     return {"history": history, "seconds": time.perf_counter() - started}
 
@@ -366,11 +419,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/learning"), help="output folder (created)")
     parser.add_argument("--quick", action="store_true", help="one task, one seed, 3 iterations: a few minutes")
     parser.add_argument("--tasks", nargs="*", help="run only these tasks (default: all of the mode)")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="methods to compare")
+    parser.add_argument(
+        "--methods", nargs="*", default=None, choices=METHODS + SELECTION_METHODS,
+        help="methods to compare (default: all; with --quick, the first five)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per task (default: the task's, 1 to 3)")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes, one CPU thread each")
     args = parser.parse_args(argv)
 
+    args.methods = args.methods or list(METHODS if args.quick else METHODS + SELECTION_METHODS)
     available = tasks(args.quick)
     selected = [available[name] for name in (args.tasks or available)]
     task_seeds = {task.name: list(range(args.seeds or task.seeds)) for task in selected}

@@ -261,7 +261,20 @@ def _open_pipeline(config: RunConfig, index_documents: bool = True):
             "remove generator.model (the pipeline names it)"
         )
     config.generator.model = model
+    if config.selector.kind == "retriever":  # the query tower is the pipeline's query embedding model
+        encoder = local_model_path(pipeline.query_encoder_model, Path.cwd())
+        if "model" in config.selector.model_fields_set and config.selector.model != encoder:
+            raise DROError(
+                f"selector.model is '{config.selector.model}' but the pipeline embeds queries with '{encoder}'; "
+                "remove selector.model (the pipeline names it)"
+            )
+        config.selector.model = encoder
     return pipeline
+
+
+def _dense_index(config: RunConfig, pipeline):
+    """The pipeline's store as the index a retriever selector re-retrieves from; None for an LM selector."""
+    return pipeline if pipeline is not None and config.selector.kind == "retriever" else None
 
 
 def _retrieve(config: RunConfig, pipeline, examples, track):
@@ -336,7 +349,7 @@ def optimize(
                 train, validation = (_retrieve(config, pipeline, part, track) for part in (train, validation))
             console.print(f"{len(train)} training and {len(validation)} validation questions; loading models")
             with runtime.main_first():  # a tiny base model is written into the run folder once
-                selector, generator = build_models(config, config.output_dir)
+                selector, generator = build_models(config, config.output_dir, index=_dense_index(config, pipeline))
             if pipeline is not None:
                 _use_pipeline_prompts(pipeline, generator)
             trainer = DROTrainer(
@@ -400,11 +413,12 @@ def evaluate(
     """Score a trained run's best selector and generator on another question file (EM, F1, recall@k)."""
     _quiet_libraries()
     from dro_plugins.evaluation import evaluate as score
-    from dro_plugins.run import load_trained
+    from dro_plugins.run import load_trained, saved_config
 
     try:
-        config, selector, generator = load_trained(run_dir, device)
+        config = saved_config(run_dir, device)
         pipeline = _open_pipeline(config) if config.pipeline is not None else None
+        _, selector, generator = load_trained(run_dir, device, index=_dense_index(config, pipeline))
         examples = load_examples(data, config.data.num_candidates, config.selector.top_k, max_examples, pipeline is None)
         with _progress() as progress:
             if pipeline is not None:
@@ -488,8 +502,16 @@ def config_keys(model: type = RunConfig, prefix: str = "") -> list[tuple[str, st
 
     from pydantic import BaseModel
 
+    from dro_plugins.config import SELECTOR_KINDS
+
     rows = []
     for name, field in model.model_fields.items():
+        if model is RunConfig and name == "selector":  # one section per kind; a key of another kind is marked with it
+            first, *others = SELECTOR_KINDS.items()
+            rows += (shown := config_keys(first[1], f"{prefix}{name}."))
+            for kind, section in others:
+                rows += [(f"{k} ({kind})", d, m) for k, d, m in config_keys(section, f"{prefix}{name}.") if (k, d, m) not in shown]
+            continue
         sections = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)]
         if sections:  # a section, or an optional one such as pipeline
             rows += config_keys(sections[0], f"{prefix}{name}.")

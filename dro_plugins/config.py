@@ -368,7 +368,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         config.documents = (base / config.documents).resolve()
     for section in (config.selector, config.generator):
         for field in ("model", "document_model"):
-            if getattr(section, field, None) is not None:
+            if field in section.model_fields_set and getattr(section, field) is not None:  # unset: a default to fill
                 setattr(section, field, local_model_path(getattr(section, field), base))
         if getattr(section, "tiny", None) is not None and section.tiny.tokenizer is not None:
             section.tiny.tokenizer = (base / section.tiny.tokenizer).resolve()

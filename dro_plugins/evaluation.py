@@ -12,7 +12,7 @@ from dro_plugins.data import Example
 from dro_plugins.generator import LMGenerator
 from dro_plugins.metrics import exact_match, f1_score, selection_recall
 from dro_plugins.progress import Track, no_progress
-from dro_plugins.selectors.lm import LMSelector
+from dro_plugins.selectors.base import Selector
 
 
 def batches(items: Sequence, size: int) -> list[Sequence]:
@@ -21,7 +21,7 @@ def batches(items: Sequence, size: int) -> list[Sequence]:
 
 
 def evaluate(
-    selector: LMSelector,
+    selector: Selector,
     generator: LMGenerator,
     examples: Sequence[Example],
     batch_size: int,
@@ -41,7 +41,7 @@ def evaluate(
 
 
 def predict(
-    selector: LMSelector,
+    selector: Selector,
     generator: LMGenerator,
     examples: Sequence[Example],
     batch_size: int,
@@ -57,10 +57,12 @@ def predict(
 
     Returns:
         One ``{"id", "prediction", "selected", "failure", "em", "f1", "recall", "answer_log_likelihood"}`` per
-        question, in order: 0-based selected candidate indices, the question's failure class, and its scores.
+        question, in order: 0-based selected candidate indices, the question's failure class, and its scores. With a
+        selector that re-retrieves its pools (:meth:`Selector.candidates`), indices and recall refer to that pool.
     """
     predictions = []
-    for batch in track(batches(examples, batch_size), "evaluate", len(examples), size=len):
+    for given in track(batches(examples, batch_size), "evaluate", len(examples), size=len):
+        batch = selector.candidates(given)  # a trainable retriever with an index retrieves with its current weights
         selected = run_in_microbatches(
             [selector.shape(ex, 1) for ex in batch], max_tokens, lambda micro: selector.select([batch[i] for i in micro])
         )

@@ -24,10 +24,13 @@ class TrainablePipeline(Protocol):
 
     Attributes:
         generator_model: HF id or local folder of the pipeline's generator model.
+        query_encoder_model: the sentence-transformers model that embeds queries for the retriever (the query tower
+            of ``selector.kind: retriever``), or None when the retriever searches by text.
         exported: what :meth:`export` writes, in words, for the line ``dro optimize`` prints.
     """
 
     generator_model: str
+    query_encoder_model: str | None
     exported: str
 
     def components(self) -> list[str]:
@@ -35,6 +38,10 @@ class TrainablePipeline(Protocol):
 
     def retrieve(self, question: str, num_candidates: int) -> list[Passage]:
         """The retriever's top ``num_candidates`` passages for a question, best first."""
+
+    def search(self, queries, n: int) -> list[list[tuple[Passage, object]]]:
+        """The retriever's top ``n`` for each query embedding ``[B, d]``, with stored document embeddings or None
+        (:class:`dro_plugins.selectors.index.DenseIndex`); only pipelines with a ``query_encoder_model``."""
 
     def prompt_renderer(self, tokenizer) -> PromptRenderer:
         """Renders the generator prompt exactly as the pipeline does when serving (template and chat template)."""

@@ -199,8 +199,9 @@ def make_generator(config: RunConfig, unit: AdapterUnit, tokenizer) -> LMGenerat
     )
 
 
-def build_models(config: RunConfig, run_dir: Path, adapters: Path | None = None, trainable: bool = True):
-    """The selector and generator of a run (see :func:`load_model` for the arguments).
+def build_models(config: RunConfig, run_dir: Path, adapters: Path | None = None, trainable: bool = True, index=None):
+    """The selector and generator of a run (see :func:`load_model` for the arguments; ``index`` as
+    :func:`load_retriever_selector` takes it, for a retriever selector).
 
     When both name the same model (:func:`shares_base`), it is loaded once and carries both adapters.
 
@@ -212,7 +213,7 @@ def build_models(config: RunConfig, run_dir: Path, adapters: Path | None = None,
     """
     run_dir = Path(run_dir)
     if config.selector.kind == "retriever":
-        selector = load_retriever_selector(config, run_dir, adapters)
+        selector = load_retriever_selector(config, run_dir, adapters, index)
         return selector, make_generator(config, *load_model(config, "generator", run_dir, adapters, trainable))
     if not shares_base(config, run_dir):
         selector = make_selector(config, *load_model(config, "selector", run_dir, adapters, trainable))
@@ -240,8 +241,9 @@ def saved_config(run_dir: str | Path, device: str | None = None) -> RunConfig:
     return config
 
 
-def load_trained(run_dir: str | Path, device: str | None = None):
-    """The best selector and generator of a finished (or interrupted) run, for inference.
+def load_trained(run_dir: str | Path, device: str | None = None, index=None):
+    """The best selector and generator of a finished (or interrupted) run, for inference (``index``: where a
+    retriever selector re-retrieves from, see :func:`load_retriever_selector`).
 
     Returns:
         ``(RunConfig, LMSelector, LMGenerator)``.
@@ -250,7 +252,7 @@ def load_trained(run_dir: str | Path, device: str | None = None):
         DROError: ``run_dir`` is not a run folder. ModelLoadError: a base model cannot be loaded.
     """
     config = saved_config(run_dir, device)
-    selector, generator = build_models(config, Path(run_dir), adapters=Path(run_dir), trainable=False)
+    selector, generator = build_models(config, Path(run_dir), adapters=Path(run_dir), trainable=False, index=index)
     return config, selector, generator
 
 

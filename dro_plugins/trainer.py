@@ -465,7 +465,6 @@ class DROTrainer:
         self.phase = "validation"
         share = [self.validation[i] for i in self.runtime.shard(len(self.validation))]
         with self._measure("validation", len(share)), self._adapters_in_compute_dtype():
-            share = self.selector.candidates(share)  # what a trainable retriever retrieves now
             predictions = predict(
                 self.selector, self.generator, share, self.config.eval_batch_size, self.track,
                 self.config.dro.max_tokens_per_microbatch,

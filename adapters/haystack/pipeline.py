@@ -5,6 +5,11 @@ run config names). From its graph come the retriever (candidates), the prompt bu
 text) and a ``TransformersChatGenerator`` (the generator model). After training, :meth:`HaystackPipeline.export`
 writes the same pipeline with a :class:`DROSelector` between retriever and prompt builder and the generator pointing
 at the fine-tuned weights.
+
+With ``selector.kind: retriever`` the trainable selector is the pipeline's own retriever: a text embedder
+(``SentenceTransformersTextEmbedder``) feeding an embedding retriever. Its model is the query tower; each E-step
+re-retrieves from the retriever's document store (:meth:`HaystackPipeline.search`); the exported pipeline is the
+same graph with the text embedder pointing at the fine-tuned query tower (``selector/``) and no extra component.
 """
 
 from __future__ import annotations
@@ -114,6 +119,7 @@ class HaystackPipeline:
 
     def __init__(self, config: RunConfig, index_documents: bool = True):
         settings = config.pipeline
+        self.selector_kind = config.selector.kind
         self.path = Path(settings.haystack)
         self.allowed_modules = list(settings.allowed_modules)
         self.num_candidates = config.data.num_candidates
@@ -138,7 +144,8 @@ class HaystackPipeline:
         self.documents_variable = self._documents_socket()
         self.question_variable = self._question_variable(settings.question_variable)
         self._documents: dict[str, Document] = {}
-        self._query_embedder = self._query_input()
+        self._query_embedder, self.query_embedder_name = self._query_input()
+        self.query_encoder_model = self._query_encoder_model()
         self.prompt_text("test question", [Passage(id="test", title="title", text="text")])  # fail early, not mid-run
         if config.documents is not None and index_documents:
             self.index(config.documents)
@@ -149,8 +156,11 @@ class HaystackPipeline:
     def components(self) -> list[str]:
         """The trainable units found in the graph, as ``role 'name' (Class)`` lines."""
         units = (("retriever", self.retriever_name), ("prompt builder", self.prompt_builder_name), ("generator", self.generator_name))
+        if self.query_embedder_name is not None:
+            units = (("query embedder", self.query_embedder_name), *units)
         named = [f"{role} '{name}' ({_class_name(self.pipeline.get_component(name))})" for role, name in units]
-        return named + [f"generator model {self.generator_model}"]
+        encoder = [f"query encoder model {self.query_encoder_model}"] if self.query_encoder_model else []
+        return named + encoder + [f"generator model {self.generator_model}"]
 
     def _names(self) -> str:
         return ", ".join(self.serialized["components"])
@@ -205,40 +215,90 @@ class HaystackPipeline:
         )
 
     def _query_input(self):
-        """None when the retriever takes the query text; else the text embedder that feeds its query embedding."""
+        """``(None, None)`` when the retriever takes the query text; else the text embedder that feeds its query
+        embedding, and its component name."""
         parameters = inspect.signature(self.retriever.run).parameters
         if "query" in parameters:
-            return None
+            return None, None
         if "query_embedding" in parameters:
             for connection in self.serialized["connections"]:
                 if connection["receiver"] == f"{self.retriever_name}.query_embedding":
-                    embedder = self.pipeline.get_component(connection["sender"].split(".", 1)[0])
+                    name = connection["sender"].split(".", 1)[0]
+                    embedder = self.pipeline.get_component(name)
                     if hasattr(embedder, "warm_up"):
                         embedder.warm_up()
-                    return embedder
+                    return embedder, name
         raise PipelineError(
             f"{self.path}: retriever '{self.retriever_name}' takes neither a query text nor a query embedding from a "
             "text embedder; DRO needs one of them to retrieve training candidates"
         )
 
+    def _query_encoder_model(self) -> str | None:
+        """The text embedder's sentence-transformers model (the query tower a retriever selector trains), or None.
+
+        Raises:
+            PipelineError: ``selector.kind: retriever`` with a retriever that is not fed by such an embedder, or an
+                embedder whose ``prefix``/``suffix`` the query tower would not see.
+        """
+        model = getattr(self._query_embedder, "model", None)
+        if self.selector_kind != "retriever":
+            return model if isinstance(model, str) else None
+        if not isinstance(model, str):
+            raise PipelineError(
+                f"selector.kind retriever trains the pipeline's query embedder, but the retriever '{self.retriever_name}' "
+                "is not fed by a SentenceTransformersTextEmbedder; use an embedding retriever with one, or selector.kind lm"
+            )
+        if getattr(self._query_embedder, "prefix", "") or getattr(self._query_embedder, "suffix", ""):
+            raise PipelineError(
+                f"{self.path}: text embedder '{self.query_embedder_name}' adds a prefix/suffix, which the DRO retriever "
+                "selector does not apply yet; remove it or use selector.kind lm"
+            )
+        return model
+
     def index(self, corpus: Path) -> int:
         """Write a corpus file into the retriever's in-memory document store; returns the number of documents.
 
+        For an embedding retriever the documents are embedded first by Haystack's ``SentenceTransformersDocumentEmbedder``
+        with the text embedder's model (title and text, as the retriever selector embeds them).
+
         Raises:
-            PipelineError: the store is not an in-memory store, or the retriever needs embedded documents.
+            PipelineError: the store is not an in-memory store, or the retriever's documents need an embedder DRO
+                cannot tell.
             DataError: the corpus file is unreadable.
         """
         documents = [Document(id=p.id, content=p.text, meta={"title": p.title}) for p in load_corpus(corpus)]
-        return self._in_memory_store().write_documents(documents, policy=DuplicatePolicy.OVERWRITE)
+        store = self._in_memory_store()
+        if self._query_embedder is not None:
+            from haystack_integrations.components.embedders.sentence_transformers import SentenceTransformersDocumentEmbedder
+
+            embedder = SentenceTransformersDocumentEmbedder(
+                model=self.query_encoder_model, meta_fields_to_embed=["title"], normalize_embeddings=True, progress_bar=False
+            )
+            embedder.warm_up()
+            documents = embedder.run(documents=documents)["documents"]
+        return store.write_documents(documents, policy=DuplicatePolicy.OVERWRITE)
 
     def _in_memory_store(self) -> InMemoryDocumentStore:
         store = getattr(self.retriever, "document_store", None)
-        if not isinstance(store, InMemoryDocumentStore) or self._query_embedder is not None:
+        if not isinstance(store, InMemoryDocumentStore) or (self._query_embedder is not None and self.query_encoder_model is None):
             raise PipelineError(
-                f"documents: the retriever '{self.retriever_name}' does not search an in-memory store by text, so it cannot "
-                "be filled from a corpus file; index your documents into its store yourself and remove documents:"
+                f"documents: the retriever '{self.retriever_name}' does not search an in-memory store by text or through a "
+                "sentence-transformers text embedder, so it cannot be filled from a corpus file; index your documents "
+                "into its store yourself and remove documents:"
             )
         return store
+
+    def search(self, queries, n: int) -> list[list[tuple[Passage, list[float] | None]]]:
+        """The retriever's top ``n`` documents for each query embedding ``[B, d]`` (a query tower's), with their
+        stored embeddings: the index a retriever selector re-retrieves its pools from
+        (:class:`dro_plugins.selectors.index.DenseIndex`)."""
+        hits, options = [], {"return_embedding": True} if "return_embedding" in inspect.signature(self.retriever.run).parameters else {}
+        for query in queries.tolist():
+            documents = self.retriever.run(query_embedding=query, top_k=n, **options)["documents"]
+            for document in documents:
+                self._documents[str(document.id)] = document
+            hits.append([(document_to_passage(d), d.embedding) for d in documents])
+        return hits
 
     def retrieve(self, question: str, num_candidates: int) -> list[Passage]:
         """The retriever's top ``num_candidates`` documents for ``question``, as passages, best first."""
@@ -289,12 +349,15 @@ class HaystackPipeline:
         return encode_like_transformers_pipeline(tokenizer)
 
     def export(self, run_dir: Path) -> Path:
-        """Write ``<run_dir>/pipeline.yaml``: the pipeline with a DROSelector and the fine-tuned generator.
+        """Write ``<run_dir>/pipeline.yaml``: the pipeline with its trained selector and the fine-tuned generator.
 
-        The generator is merged into its base model in ``<run_dir>/generator-model``; the selector (the run folder,
-        ``.``) and that model are referenced relative to the file (:class:`RelativeModelPaths`), so the run folder
-        can be moved; load it with :func:`load_pipeline`. The retriever returns ``data.num_candidates`` documents, the
-        selector keeps ``selector.top_k``.
+        The generator is merged into its base model in ``<run_dir>/generator-model``. With an LM selector, a
+        DROSelector (the run folder, ``.``) goes between retriever and prompt builder; the retriever returns
+        ``data.num_candidates`` documents, the selector keeps ``selector.top_k``. With a retriever selector, the text
+        embedder points at the fine-tuned query tower (``<run_dir>/selector``) and the retriever returns
+        ``selector.top_k``; the document store's embeddings (the frozen document tower's) stay valid. Model folders
+        are referenced relative to the file (:class:`RelativeModelPaths`), so the run folder can be moved; load it
+        with :func:`load_pipeline`.
 
         Raises:
             PipelineError: the pipeline already has a component named ``dro_selector``.
@@ -305,8 +368,12 @@ class HaystackPipeline:
         generator_dir = export_generator(run_dir, run_dir / "generator-model")
         tree = self.pipeline.to_dict()
         components = tree["components"]
-        components[self.retriever_name]["init_parameters"]["top_k"] = self.num_candidates
         components[self.generator_name]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] = str(generator_dir)
+        if self.selector_kind == "retriever":
+            components[self.retriever_name]["init_parameters"]["top_k"] = self.top_k
+            components[self.query_embedder_name]["init_parameters"]["model"] = str(run_dir / "selector")
+            return self._write(tree, run_dir)
+        components[self.retriever_name]["init_parameters"]["top_k"] = self.num_candidates
         components[SELECTOR_NAME] = DROSelector(model=str(run_dir), top_k=self.top_k).to_dict()
         into_builder = f"{self.prompt_builder_name}.{self.documents_variable}"
         tree["connections"] = [
@@ -315,6 +382,9 @@ class HaystackPipeline:
             {"sender": f"{self.retriever_name}.documents", "receiver": f"{SELECTOR_NAME}.documents"},
             {"sender": f"{SELECTOR_NAME}.documents", "receiver": into_builder},
         ]
+        return self._write(tree, run_dir)
+
+    def _write(self, tree: dict, run_dir: Path) -> Path:
         optimized = Pipeline.from_dict(tree, allowed_modules=self.allowed_modules or None)
         out = run_dir / "pipeline.yaml"
         atomic_write_text(out, optimized.dumps(marshaller=RelativeModelPaths(run_dir)))

@@ -4,6 +4,12 @@ LlamaIndex apps are Python, so the run config names a factory, ``pipeline.llama_
 a function that returns a ``RetrieverQueryEngine``. From the engine come the retriever (candidates), the response
 synthesizer's QA prompt template (the generator's prompt text, rendered as the LLM renders it when serving) and its
 LLM, a ``HuggingFaceLLM`` whose model becomes the DRO generator.
+
+With ``selector.kind: retriever`` the engine's vector retriever is the trainable selector: its ``HuggingFaceEmbedding``
+model is the query tower, each E-step re-retrieves from the index with the current query embeddings
+(:meth:`LlamaIndexPipeline.search`), and the factory serves the run with
+``index.as_retriever(embed_model=HuggingFaceEmbedding(model_name=run_dir / "selector"))``: the index's stored
+document embeddings stay valid, as the document tower is frozen.
 """
 
 from __future__ import annotations
@@ -112,12 +118,21 @@ class LlamaIndexPipeline:
                 "DROSelectorPostprocessor on a local stand-in generator (a separate run config without pipeline:)"
             )
         self.generator_model = self.llm.model_name
+        embed_model = getattr(self.retriever, "_embed_model", None)  # VectorIndexRetriever's; no public accessor
+        self.query_encoder_model = getattr(embed_model, "model_name", None) if type(embed_model).__name__ == "HuggingFaceEmbedding" else None
+        if config.selector.kind == "retriever" and self.query_encoder_model is None:
+            raise PipelineError(
+                f"selector.kind retriever trains the engine's query embedding model, but its retriever "
+                f"({type(self.retriever).__name__}) does not embed queries with a HuggingFaceEmbedding; use "
+                "index.as_retriever() over a VectorStoreIndex with HuggingFaceEmbedding, or selector.kind lm"
+            )
         self._nodes: dict = {}
 
     def components(self) -> list[str]:
         """The trainable units found in the engine, as ``role (Class)`` lines."""
         top_k = getattr(self.retriever, "similarity_top_k", None)
-        return [
+        encoder = [f"query encoder model {self.query_encoder_model}"] if self.query_encoder_model else []
+        return encoder + [
             f"retriever ({type(self.retriever).__name__}{f', similarity_top_k={top_k}' if top_k else ''})",
             f"QA template ({QA_TEMPLATE})",
             f"generator ({type(self.llm).__name__})",
@@ -132,6 +147,22 @@ class LlamaIndexPipeline:
         for node in nodes:
             self._nodes[node.node.node_id] = node.node
         return [node_to_passage(n.node) for n in nodes]
+
+    def search(self, queries, n: int) -> list[list[tuple[Passage, None]]]:
+        """The retriever's top ``n`` nodes for each query embedding ``[B, d]`` (``QueryBundle.embedding`` set, so the
+        engine's own embedding model is not called): the index a retriever selector re-retrieves its pools from.
+
+        Vector stores such as FAISS do not return node embeddings, so each hit comes without one and the selector
+        embeds the passage with its document tower.
+        """
+        self.retriever.similarity_top_k = n
+        hits = []
+        for query in queries.tolist():
+            nodes = self.retriever.retrieve(QueryBundle(query_str="", embedding=query))[:n]
+            for node in nodes:
+                self._nodes[node.node.node_id] = node.node
+            hits.append([(node_to_passage(node.node), None) for node in nodes])
+        return hits
 
     def context(self, passages) -> str:
         """The synthesizer's ``context_str``: each node's LLM view (metadata and text), blank-line separated."""
@@ -164,8 +195,9 @@ class LlamaIndexPipeline:
     def export(self, run_dir: Path) -> Path:
         """Merge the fine-tuned generator into ``<run_dir>/generator-model`` (a plain Hugging Face folder).
 
-        With the selector adapter already in ``run_dir``, that is all ``build_query_engine(run_dir=...)`` needs:
-        ``HuggingFaceLLM(model_name=run_dir / "generator-model")`` and
-        ``DROSelectorPostprocessor.from_pretrained(run_dir)``.
+        With the selector already in ``run_dir``, that is all ``build_query_engine(run_dir=...)`` needs:
+        ``HuggingFaceLLM(model_name=run_dir / "generator-model")`` and ``DROSelectorPostprocessor.from_pretrained(run_dir)``
+        (LM selector) or ``HuggingFaceEmbedding(model_name=run_dir / "selector")`` as the retriever's query
+        embedding model (retriever selector).
         """
         return export_generator(run_dir, Path(run_dir).resolve() / "generator-model")

@@ -14,9 +14,13 @@ import torch
 from dro_plugins.data import Passage
 
 
+Hit = tuple[Passage, "torch.Tensor | None"]  # a passage and its document embedding [d] when the index keeps it
+
+
 class DenseIndex(Protocol):
-    def search(self, queries: torch.Tensor, n: int) -> list[list[Passage]]:
-        """The top-``n`` passages by inner product for each query embedding ``[B, d]``, best first."""
+    def search(self, queries: torch.Tensor, n: int) -> list[list[Hit]]:
+        """The top-``n`` passages by inner product for each query embedding ``[B, d]``, best first, each with its
+        stored embedding (None where the store does not return it; the selector then embeds the passage)."""
 
 
 class FaissIndex:
@@ -24,7 +28,8 @@ class FaissIndex:
 
     Args:
         passages: the corpus.
-        embeddings: ``[N, d]`` unit-length document embeddings, row i for ``passages[i]``.
+        embeddings: ``[N, d]`` unit-length document embeddings, row i for ``passages[i]`` (the selector that searches
+            it keeps them too, so hits carry none).
     """
 
     def __init__(self, passages: Sequence[Passage], embeddings: torch.Tensor):
@@ -34,6 +39,6 @@ class FaissIndex:
         self.index = faiss.IndexFlatIP(embeddings.shape[1])
         self.index.add(embeddings.detach().float().cpu().numpy())
 
-    def search(self, queries: torch.Tensor, n: int) -> list[list[Passage]]:
+    def search(self, queries: torch.Tensor, n: int) -> list[list[Hit]]:
         _, rows = self.index.search(queries.detach().float().cpu().numpy(), min(n, len(self.passages)))
-        return [[self.passages[i] for i in row if i >= 0] for row in rows.tolist()]
+        return [[(self.passages[i], None) for i in row if i >= 0] for row in rows.tolist()]

@@ -122,8 +122,9 @@ class RetrieverSelector:
         """Nothing to switch: the query tower is a model of its own."""
 
     def remember(self, passages: Sequence[Passage], embeddings: torch.Tensor) -> None:
-        """Keep document-tower embeddings ``[N, d]`` computed elsewhere (an index built with the same tower)."""
-        for passage, vector in zip(passages, embeddings):
+        """Keep document-tower embeddings ``[N, d]`` computed elsewhere (an index built with the same tower), as unit
+        vectors."""
+        for passage, vector in zip(passages, torch.nn.functional.normalize(embeddings.float(), dim=-1)):
             self._documents[(passage.title, passage.text)] = vector.to(self.device)
 
     def documents(self, batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +195,10 @@ class RetrieverSelector:
             return list(batch)
         queries = embed(self.scorer.encoder, [ex.question for ex in batch])
         pools = self.index.search(queries, self.num_candidates)
+        stored = [(p, vector) for pool in pools for p, vector in pool if vector is not None]
+        if stored:  # score with the store's own document embeddings
+            self.remember([p for p, _ in stored], torch.stack([torch.as_tensor(v, dtype=torch.float32) for _, v in stored]))
         return [
-            replace(ex, candidates=tuple(replace(p, has_answer=passage_has_answer(p, ex.answers)) for p in pool))
+            replace(ex, candidates=tuple(replace(p, has_answer=passage_has_answer(p, ex.answers)) for p, _ in pool))
             for ex, pool in zip(batch, pools)
         ]
