@@ -181,8 +181,9 @@ def test_unusable_factories_get_one_clear_line(tmp_path, write_config, body, mes
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="../shared/data is not beside the checkout")
-def test_optimize_on_the_example_factory_and_serve_in_a_fresh_process(tmp_path, write_config, tiny_model_dir, monkeypatch):
-    # a corpus slice (the candidates of the questions used) keeps the MiniLM index build to seconds
+def _example_factory(tmp_path, tiny_model_dir) -> str:
+    """The example app's factory over a corpus slice (the candidates of the questions used: the MiniLM index
+    builds in seconds), with the tiny generator."""
     nq = SHARED_DATA / "nq"
     passages = {}
     for name in ("train.jsonl", "validation.jsonl"):
@@ -191,13 +192,17 @@ def test_optimize_on_the_example_factory_and_serve_in_a_fresh_process(tmp_path, 
                 passages[ctx["id"]] = {"id": ctx["id"], "title": ctx["title"], "text": ctx["text"]}
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(p) + "\n" for p in passages.values()))
-    factory = _write_factory(
+    return _write_factory(
         tmp_path,
         f"import sys\nsys.path.insert(0, {str(EXAMPLE)!r})\nimport app\nfrom pathlib import Path\n"
         f"app.GENERATOR = Path({str(tiny_model_dir)!r})\n"
         f"def build(run_dir=None):\n"
         f"    return app.build_query_engine(run_dir, corpus=Path({str(corpus)!r}), storage=Path({str(tmp_path / 'storage')!r}))\n",
     )
+
+
+def test_optimize_on_the_example_factory_and_serve_in_a_fresh_process(tmp_path, write_config, tiny_model_dir, monkeypatch):
+    factory = _example_factory(tmp_path, tiny_model_dir)
     monkeypatch.chdir(tmp_path)
     tree = _run_tree(factory, warmup={"generator_steps": 2, "selector_steps": 2}, dro={"iterations": 1, "num_samples": 2})
     tree["output_dir"] = str(tmp_path / "run")
@@ -224,6 +229,39 @@ def test_optimize_on_the_example_factory_and_serve_in_a_fresh_process(tmp_path, 
     )
     assert served.returncode == 0, served.stderr[-2000:]
     assert served.stdout.split() == ["2", "str"]
+
+
+def test_retriever_selector_trains_the_engines_embedding_model_and_the_factory_serves_it(tmp_path, write_config, tiny_model_dir, monkeypatch):
+    factory = _example_factory(tmp_path, tiny_model_dir)
+    monkeypatch.chdir(tmp_path)
+    tree = _run_tree(factory, warmup={"generator_steps": 2}, dro={"iterations": 1, "num_samples": 2, "batch_size": 4}, report_to="none")
+    tree["selector"] = {"kind": "retriever", "top_k": 2, "max_seq_length": 64}
+    tree["data"]["num_candidates"] = 5
+    tree["output_dir"] = str(tmp_path / "run")
+    validated = CliRunner().invoke(app, ["validate", str(write_config(tree))])
+    assert validated.exit_code == 0, validated.output
+    assert "pipeline query encoder model" in validated.output
+    result = CliRunner().invoke(app, ["optimize", str(write_config(tree))])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    samples = [json.loads(line) for line in (run / "samples" / "iteration_001.jsonl").read_text().splitlines()]
+    assert all(len(line["candidates"]) == 5 for line in samples)  # re-retrieved from the engine's index
+
+    script = (
+        f"import sys, torch; sys.path.insert(0, {str(tmp_path)!r}); from factory import build\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        f"engine = build(run_dir={str(run)!r}); question = 'who sang i will always love you'\n"
+        "served = torch.tensor(engine.retriever._embed_model.get_query_embedding(question))\n"
+        f"trained = SentenceTransformer({str(run / 'selector')!r}, device='cpu').encode(question, convert_to_tensor=True)\n"
+        "original = torch.tensor(build().retriever._embed_model.get_query_embedding(question))\n"
+        "print(len(engine.query(question).source_nodes), (served - trained).abs().max().item(), (served - original).abs().max().item())"
+    )
+    served = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert served.returncode == 0, served.stderr[-2000:]
+    count, to_trained, to_original = served.stdout.split()[-3:]
+    assert int(count) == 2 and float(to_trained) < 1e-5 and float(to_original) > 1e-4
 
 
 def test_example_app_without_its_generator_says_what_to_run(tmp_path):

