@@ -230,6 +230,8 @@ class DROTrainer:
         self.phase = "warm-up"
         for offset, (role, steps) in enumerate((("generator", warm.generator_steps), ("selector", warm.selector_steps))):
             rng = random.Random(self.config.seed * 7919 + offset)
+            if not steps:
+                continue
             for _ in self.track(range(steps), f"warm-up {role}", steps):
                 batch = rng.sample(labelled, min(warm.batch_size, len(labelled)))
                 targets = [supervised_permutation(ex, k, rng) for ex in batch]
