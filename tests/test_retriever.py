@@ -131,17 +131,17 @@ def test_query_tower_saves_as_a_sentence_transformers_folder(encoders, tmp_path)
 
     selector = fresh_selector(encoders)
     with torch.no_grad():
-        selector.scorer.log_temperature.fill_(math.log(0.2))
-        next(selector.scorer.encoder.parameters()).add_(0.01)
+        selector.model.log_temperature.fill_(math.log(0.2))
+        next(selector.model.encoder.parameters()).add_(0.01)
     selector.unit.save(tmp_path / "selector")
     served = SentenceTransformer(str(tmp_path / "selector"), device="cpu")
     questions = ["what is the capital of japan"]
-    assert torch.allclose(embed(served, questions), embed(selector.scorer.encoder, questions), atol=1e-5)
+    assert torch.allclose(embed(served, questions), embed(selector.model.encoder, questions), atol=1e-5)
     other = fresh_selector(encoders)
-    assert other.scorer.temperature == pytest.approx(0.05)
+    assert other.model.temperature == pytest.approx(0.05)
     other.unit.load(tmp_path / "selector")
-    assert other.scorer.temperature == pytest.approx(0.2)
-    assert torch.allclose(embed(other.scorer.encoder, questions), embed(served, questions), atol=1e-5)
+    assert other.model.temperature == pytest.approx(0.2)
+    assert torch.allclose(embed(other.model.encoder, questions), embed(served, questions), atol=1e-5)
 
 
 def nq_questions(count: int, num_candidates: int = 8) -> list[Example]:
@@ -178,7 +178,7 @@ def test_candidates_are_re_retrieved_from_the_index(encoders):
     assert all(selector.select([ex])[0] == [0, 1] for ex in pooled)
     assert all(p.has_answer is not None for ex in pooled for p in ex.candidates)
     with torch.no_grad():  # a different query tower retrieves differently
-        for param in selector.scorer.encoder.parameters():
+        for param in selector.model.encoder.parameters():
             param.add_(torch.randn_like(param) * 0.05)
     moved = selector.candidates(questions)
     assert any([p.id for p in a.candidates] != [p.id for p in b.candidates] for a, b in zip(pooled, moved))

@@ -80,11 +80,13 @@ class Selector(Protocol):
 
     Attributes:
         top_k: k, the number of candidates a permutation picks.
+        model: the module the selector computes with (put in train or eval mode by the trainer).
         unit: the trainable unit the M-step updates (Eq. 10).
         tokenizer: saved beside the best weights, so the run's selector folder loads on its own.
     """
 
     top_k: int
+    model: torch.nn.Module
     unit: TrainableUnit
     tokenizer: object
 

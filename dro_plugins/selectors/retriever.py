@@ -104,7 +104,6 @@ class RetrieverSelector:
     """
 
     def __init__(self, scorer: BiEncoderScorer, document_encoder, top_k: int, index=None, num_candidates: int = 20):
-        self.scorer = scorer
         self.model = scorer
         self.document_encoder = document_encoder.requires_grad_(False)
         self.top_k = top_k
@@ -116,7 +115,7 @@ class RetrieverSelector:
 
     @property
     def device(self) -> torch.device:
-        return next(self.scorer.parameters()).device
+        return next(self.model.parameters()).device
 
     def activate(self) -> None:
         """Nothing to switch: the query tower is a model of its own."""
@@ -148,7 +147,7 @@ class RetrieverSelector:
     def scores(self, batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """``s = cos(q(x), d_i) / tau`` ``[B, n]`` (differentiable when grad is enabled) and ``valid`` ``[B, n]``."""
         documents, valid = self.documents(batch)
-        features = features_on(self.scorer.encoder, [ex.question for ex in batch], self.device)
+        features = features_on(self.model.encoder, [ex.question for ex in batch], self.device)
         return self.unit.scoring_model()(features, documents), valid
 
     def shape(self, example: Example, num_samples: int, top_k: int | None = None) -> Shape:
@@ -193,7 +192,7 @@ class RetrieverSelector:
         answer match), or unchanged without an index."""
         if self.index is None or not batch:
             return list(batch)
-        queries = embed(self.scorer.encoder, [ex.question for ex in batch])
+        queries = embed(self.model.encoder, [ex.question for ex in batch])
         pools = self.index.search(queries, self.num_candidates)
         stored = [(p, vector) for pool in pools for p, vector in pool if vector is not None]
         if stored:  # score with the store's own document embeddings
