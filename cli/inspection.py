@@ -11,7 +11,7 @@ from rich.text import Text
 
 from dro_plugins.attribution import failure_class
 from dro_plugins.config import RunConfig
-from dro_plugins.data import Example, load_run_data
+from dro_plugins.data import Example, Passage, load_run_data
 from dro_plugins.errors import DROError
 from dro_plugins.metrics import passage_has_answer
 from dro_plugins.run import RunPaths
@@ -72,14 +72,10 @@ def label(permutation: list[int]) -> str:
 def view(example: Example, split: str, iteration: int | None, samples: dict | None, selected: list[int], answer: str) -> Group:
     """The Rich view of one question: candidates, the iteration's samples by weight, the greedy selection and answer."""
     header = Text.assemble((f"{example.id}", "bold"), f" ({split}): {example.question}\ngold: {' | '.join(example.answers)}")
-    candidates = Table(title="candidates (answer: holds a gold answer)")
-    for column in ("#", "answer", "title", "text"):
-        candidates.add_column(column, overflow="fold" if column == "text" else "ellipsis")
-    for index, passage in enumerate(example.candidates):
-        holds = passage_has_answer(passage, example.answers)
-        marker = "*" if index in selected else ""
-        candidates.add_row(f"{index + 1}{marker}", "yes" if holds else "", passage.title[:30], " ".join(passage.text.split()[:14]))
-    parts = [header, candidates]
+    parts = [header, _passages("candidates (answer: holds a gold answer)", example.candidates, example.answers, selected)]
+    if samples is not None and "candidates" in samples:  # a trained retriever sampled from the pool it retrieved then
+        pool = [Passage(**p) for p in samples["candidates"]]
+        parts.append(_passages(f"the pool retrieved at E-step {iteration} (its samples' numbers)", pool, example.answers, []))
     if samples is None:
         reason = "validation questions are not sampled" if split == "validation" else "no E-step has run yet"
         parts.append(Text(f"no samples to show: {reason}"))
@@ -94,3 +90,15 @@ def view(example: Example, split: str, iteration: int | None, samples: dict | No
     parts.append(Text(f"best iteration's greedy selection: {label(selected)} (* above)"))
     parts.append(Text(f"generator's answer: {answer or '(empty)'}  ->  {failure_class(example, selected, answer).replace('_', ' ')}"))
     return Group(*parts)
+
+
+def _passages(title: str, passages, answers, selected: list[int]) -> Table:
+    """Numbered passages (``*`` marks the selected ones), with whether each holds a gold answer."""
+    table = Table(title=title)
+    for column in ("#", "answer", "title", "text"):
+        table.add_column(column, overflow="fold" if column == "text" else "ellipsis")
+    for index, passage in enumerate(passages):
+        holds = passage_has_answer(passage, answers)
+        marker = "*" if index in selected else ""
+        table.add_row(f"{index + 1}{marker}", "yes" if holds else "", passage.title[:30], " ".join(passage.text.split()[:14]))
+    return table

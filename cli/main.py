@@ -482,11 +482,13 @@ def inspect(
         run_dir = Path(run_dir)
         example, split = find_question(saved_config(run_dir), question)  # before loading models: fail fast
         shown = pick_iteration(run_dir, iteration)
-        config, selector, generator = load_trained(run_dir, device)
-        if config.pipeline is not None:
-            pipeline = _open_pipeline(config)
+        config = saved_config(run_dir, device)
+        pipeline = _open_pipeline(config) if config.pipeline is not None else None
+        _, selector, generator = load_trained(run_dir, device, index=_dense_index(config, pipeline))
+        if pipeline is not None:
             example = _retrieve(config, pipeline, [example], no_progress)[0]
             _use_pipeline_prompts(pipeline, generator)
+        example = selector.candidates([example])[0]  # a trained retriever's own pool
         samples = samples_of(run_dir, shown, question) if shown is not None and split == "train" else None
         selected = selector.select([example])[0]
         answer = generator.generate([example], [selected])[0]

@@ -192,7 +192,10 @@ class WarmupConfig(_Section):
 
     generator_steps: int = Field(0, ge=0, description="Supervised generator steps on positive passages; 0 = off.")
     selector_steps: int = Field(0, ge=0, description="Supervised selector steps towards positive passages; 0 = off.")
-    learning_rate: float = Field(1e-3, gt=0, description="Learning rate of both warm-ups.")
+    learning_rate: float = Field(
+        1e-3, gt=0, description="Learning rate of both warm-ups; a model with its own learning_rate (selector.learning_rate, "
+        "generator.learning_rate, set by default for a retriever selector) keeps that one."
+    )
     batch_size: int = Field(16, ge=1, description="Questions per warm-up step.")
 
 

@@ -226,7 +226,8 @@ class DROTrainer:
             self.log("warm-up skipped: no training question has a passage labelled has_answer/is_gold")
             return
         warm = self.config.warmup
-        optimizers = {role: _adamw(unit, warm.learning_rate) for role, unit in self.units.items()}
+        # a role with its own learning rate (a pretrained retriever's query tower) keeps it in the warm-up too
+        optimizers = {role: _adamw(unit, getattr(self.config, role).learning_rate or warm.learning_rate) for role, unit in self.units.items()}
         self.phase = "warm-up"
         for offset, (role, steps) in enumerate((("generator", warm.generator_steps), ("selector", warm.selector_steps))):
             rng = random.Random(self.config.seed * 7919 + offset)

@@ -220,6 +220,19 @@ def test_a_dro_run_trains_the_retriever_and_resumes(tmp_path):
     again = make_trainer(tree).fit()
     assert again["history"] == report["history"]
 
+    # the CLI reads the run: inspect shows the pool each sample was drawn from, evaluate re-retrieves from the corpus
+    from typer.testing import CliRunner
+
+    from dro_plugins.cli.main import app
+
+    shown = CliRunner().invoke(app, ["inspect", str(run), "--question", lines[0]["id"], "--iteration", "1"])
+    assert shown.exit_code == 0, shown.output
+    assert "the pool retrieved at E-step 1" in shown.output
+    scored = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(NQ_TRAIN), "--max-examples", "4"])
+    assert scored.exit_code == 0, scored.output
+    predictions = json.loads((run / "evaluation_train.json").read_text())["predictions"]
+    assert len(predictions) == 4 and all(len(p["selected"]) == 2 for p in predictions)
+
 
 def test_retriever_config_is_validated_per_kind(write_config):
     from dro_plugins.config import load_config
