@@ -269,6 +269,7 @@ def _open_pipeline(config: RunConfig, index_documents: bool = True):
                 "remove selector.model (the pipeline names it)"
             )
         config.selector.model = encoder
+        config.selector.query_prefix, config.selector.query_suffix = pipeline.query_affixes
     return pipeline
 
 

@@ -110,6 +110,11 @@ class RetrieverSelectorConfig(_Section):
     temperature_learning_rate: float = Field(1e-2, gt=0, description="Learning rate of log tau.")
     learning_rate: float | None = Field(2e-5, gt=0, description="M-step learning rate of the query tower; unset: dro.learning_rate.")
     max_seq_length: int = Field(128, ge=8, description="Tokens of a question or passage the encoders read.")
+    query_prefix: str = Field(
+        "", description="Text put before each question the query tower embeds (e.g. 'query: ' for E5 models); with a "
+        "pipeline, taken from its text embedder (Haystack prefix, LlamaIndex query instruction).",
+    )
+    query_suffix: str = Field("", description="Text put after each question the query tower embeds (Haystack suffix).")
     corpus: Path | None = Field(
         None,
         description="Corpus JSON lines ({id, title, text}), relative to the run config: every E-step and validation "

@@ -39,6 +39,10 @@ class TrainablePipeline(Protocol):
     def retrieve(self, question: str, num_candidates: int) -> list[Passage]:
         """The retriever's top ``num_candidates`` passages for a question, best first."""
 
+    @property
+    def query_affixes(self) -> tuple[str, str]:
+        """The text the query embedder puts before and after a question; ``("", "")`` when it adds none."""
+
     def search(self, queries, n: int) -> list[list[tuple[Passage, object]]]:
         """The retriever's top ``n`` for each query embedding ``[B, d]``, with stored document embeddings or None
         (:class:`dro_plugins.selectors.index.DenseIndex`); only pipelines with a ``query_encoder_model``."""

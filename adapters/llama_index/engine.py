@@ -148,6 +148,12 @@ class LlamaIndexPipeline:
             self._nodes[node.node.node_id] = node.node
         return [node_to_passage(n.node) for n in nodes]
 
+    @property
+    def query_affixes(self) -> tuple[str, str]:
+        """The text the embedding model puts before a query (its query instruction, a sentence-transformers prompt)."""
+        encoder = getattr(getattr(self.retriever, "_embed_model", None), "_model", None)
+        return (getattr(encoder, "prompts", None) or {}).get("query", "") or "", ""
+
     def search(self, queries, n: int) -> list[list[tuple[Passage, None]]]:
         """The retriever's top ``n`` nodes for each query embedding ``[B, d]`` (``QueryBundle.embedding`` set, so the
         engine's own embedding model is not called): the index a retriever selector re-retrieves its pools from.

@@ -101,10 +101,16 @@ class RetrieverSelector:
         top_k: k.
         index: where :meth:`candidates` re-retrieves pools from; None keeps the questions' own pools.
         num_candidates: n, the pool size re-retrieved from ``index``.
+        query_prefix, query_suffix: put around each question before the query tower embeds it (as the pipeline's
+            text embedder does).
     """
 
-    def __init__(self, scorer: BiEncoderScorer, document_encoder, top_k: int, index=None, num_candidates: int = 20):
+    def __init__(
+        self, scorer: BiEncoderScorer, document_encoder, top_k: int, index=None, num_candidates: int = 20,
+        query_prefix: str = "", query_suffix: str = "",
+    ):
         self.model = scorer
+        self.query_prefix, self.query_suffix = query_prefix, query_suffix
         self.document_encoder = document_encoder.requires_grad_(False)
         self.top_k = top_k
         self.index = index
@@ -147,12 +153,15 @@ class RetrieverSelector:
     def scores(self, batch: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """``s = cos(q(x), d_i) / tau`` ``[B, n]`` (differentiable when grad is enabled) and ``valid`` ``[B, n]``."""
         documents, valid = self.documents(batch)
-        features = features_on(self.model.encoder, [ex.question for ex in batch], self.device)
+        features = features_on(self.model.encoder, self._queries(batch), self.device)
         return self.unit.scoring_model()(features, documents), valid
+
+    def _queries(self, batch: Sequence[Example]) -> list[str]:
+        return [f"{self.query_prefix}{ex.question}{self.query_suffix}" for ex in batch]
 
     def shape(self, example: Example, num_samples: int, top_k: int | None = None) -> Shape:
         """One row: the question's tokens (the pool's embeddings are kept, not recomputed)."""
-        return Shape(1, len(self.tokenizer(example.question)["input_ids"]))
+        return Shape(1, len(self.tokenizer(self._queries([example])[0])["input_ids"]))
 
     @torch.no_grad()
     def sample(self, batch: Sequence[Example], num_samples: int, temperature: float = 1.0, rng=None) -> SampleBatch:
@@ -192,7 +201,7 @@ class RetrieverSelector:
         answer match), or unchanged without an index."""
         if self.index is None or not batch:
             return list(batch)
-        queries = embed(self.model.encoder, [ex.question for ex in batch])
+        queries = embed(self.model.encoder, self._queries(batch))
         pools = self.index.search(queries, self.num_candidates)
         stored = [(p, vector) for pool in pools for p, vector in pool if vector is not None]
         if stored:  # score with the store's own document embeddings
