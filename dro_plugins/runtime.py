@@ -23,7 +23,7 @@ from datetime import timedelta
 
 import torch
 
-from dro_plugins.errors import ModelLoadError
+from dro_plugins.errors import DROError, ModelLoadError
 
 ADAPTER_DTYPE = torch.float32
 LOG_PROB_DTYPE = torch.float32
@@ -55,6 +55,10 @@ def gradient_checkpointing_default(device: torch.device) -> bool:
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for a CUDA (or other accelerator) out-of-memory error."""
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+# Accelerate engines that shard the weights (set in the environment by `accelerate launch --config_file ...`)
+UNSUPPORTED_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
 def shard_range(count: int, rank: int, world_size: int) -> range:
@@ -89,6 +93,12 @@ class Runtime:
         """
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
+        engines = [name for name in UNSUPPORTED_ENGINES if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true")]
+        if engines:  # they shard weights, so every forward would need all processes in step: not built (DESIGN.md §8)
+            raise DROError(
+                f"the accelerate config asks for {engines[0].replace('_', '-')}; dro optimize runs data-parallel (DDP) only "
+                "so far: use an accelerate config with distributed_type: MULTI_GPU (or MULTI_CPU), or torchrun"
+            )
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 

@@ -36,6 +36,19 @@ def test_meters_of_processes_add_up():
     assert combined["sampling"].summary()["questions_per_s"] == 3.0
 
 
+@pytest.mark.parametrize(("variable", "engine"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")])
+def test_a_weight_sharding_accelerate_config_is_refused_in_one_line(monkeypatch, variable, engine):
+    """FSDP and DeepSpeed shard the weights, so every forward needs all processes in step, which the E-step's uneven
+    shares do not give: refused before any process group starts, instead of hanging."""
+    from dro_plugins.errors import DROError
+    from dro_plugins.runtime import Runtime
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(DROError, match=f"asks for {engine}.*distributed_type: MULTI_GPU"):
+        Runtime.from_environment("cpu")
+
+
 def _config(tmp_path, name: str) -> str:
     train = write_examples(make_dataset(10, 6, seed=3), tmp_path / "train.jsonl")  # 10: uneven over 3 processes
     validation = write_examples(make_dataset(5, 6, seed=4), tmp_path / "validation.jsonl")
