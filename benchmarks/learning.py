@@ -178,6 +178,9 @@ class FirstStage:
     def shape(self, example: Example, num_samples: int, top_k: int | None = None) -> Shape:
         return Shape(1, 1)  # no model, nothing to bound
 
+    def candidates(self, batch: Sequence[Example]) -> list[Example]:
+        return list(batch)  # the first-stage pool as it is
+
 
 def sft_first_k(trainer: DROTrainer) -> list[dict]:
     """Fine-tune the generator on the first-stage top-k with the trainer's own M-step optimizer step.

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 pytest.importorskip("llama_index.core")
@@ -241,6 +242,15 @@ def test_retriever_selector_trains_the_engines_embedding_model_and_the_factory_s
     validated = CliRunner().invoke(app, ["validate", str(write_config(tree))])
     assert validated.exit_code == 0, validated.output
     assert "pipeline query encoder model" in validated.output
+    # the pools come with the vectors the index ranked them by: their similarities to the query are in order
+    from llama_index.postprocessor.dro.engine import LlamaIndexPipeline
+
+    from dro_plugins.config import load_config
+
+    engine = LlamaIndexPipeline(load_config(write_config(tree)))
+    query = torch.tensor([engine.retriever._embed_model.get_query_embedding("who sang i will always love you")])
+    similarities = [float(torch.tensor(vector) @ query[0]) for _, vector in engine.search(query, 5)[0]]
+    assert len(similarities) == 5 and all(a >= b - 1e-5 for a, b in zip(similarities, similarities[1:]))
     result = CliRunner().invoke(app, ["optimize", str(write_config(tree))])
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"

@@ -127,6 +127,7 @@ class LlamaIndexPipeline:
                 "index.as_retriever() over a VectorStoreIndex with HuggingFaceEmbedding, or selector.kind lm"
             )
         self._nodes: dict = {}
+        self._vectors: dict[str, list[float]] = {}  # node id -> the vector the index holds for it (search)
 
     def components(self) -> list[str]:
         """The trainable units found in the engine, as ``role (Class)`` lines."""
@@ -154,20 +155,25 @@ class LlamaIndexPipeline:
         encoder = getattr(getattr(self.retriever, "_embed_model", None), "_model", None)
         return (getattr(encoder, "prompts", None) or {}).get("query", "") or "", ""
 
-    def search(self, queries, n: int) -> list[list[tuple[Passage, None]]]:
+    def search(self, queries, n: int) -> list[list[tuple[Passage, list[float]]]]:
         """The retriever's top ``n`` nodes for each query embedding ``[B, d]`` (``QueryBundle.embedding`` set, so the
-        engine's own embedding model is not called): the index a retriever selector re-retrieves its pools from.
+        engine's own embedding model is not called for the query): the index a retriever selector re-retrieves its
+        pools from.
 
-        Vector stores such as FAISS do not return node embeddings, so each hit comes without one and the selector
-        embeds the passage with its document tower.
+        Vector stores such as FAISS return no node vectors, so each node's is computed once with the engine's embedding
+        model on the text it indexed (``MetadataMode.EMBED``): the vector the store holds, which the selector then
+        scores with.
         """
         self.retriever.similarity_top_k = n
-        hits = []
+        embed_model, hits = self.retriever._embed_model, []
         for query in queries.tolist():
-            nodes = self.retriever.retrieve(QueryBundle(query_str="", embedding=query))[:n]
+            nodes = [scored.node for scored in self.retriever.retrieve(QueryBundle(query_str="", embedding=query))[:n]]
+            missing = [node for node in nodes if node.node_id not in self._vectors]
+            texts = [node.get_content(metadata_mode=MetadataMode.EMBED) for node in missing]
+            self._vectors.update(zip([node.node_id for node in missing], embed_model.get_text_embedding_batch(texts) if texts else []))
             for node in nodes:
-                self._nodes[node.node.node_id] = node.node
-            hits.append([(node_to_passage(node.node), None) for node in nodes])
+                self._nodes[node.node_id] = node
+            hits.append([(node_to_passage(node), self._vectors[node.node_id]) for node in nodes])
         return hits
 
     def context(self, passages) -> str:
