@@ -123,9 +123,6 @@ class RetrieverSelector:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def activate(self) -> None:
-        """Nothing to switch: the query tower is a model of its own."""
-
     def remember(self, passages: Sequence[Passage], embeddings: torch.Tensor) -> None:
         """Keep document-tower embeddings ``[N, d]`` computed elsewhere (an index built with the same tower), as unit
         vectors."""
