@@ -25,6 +25,7 @@ import torch
 from dro_plugins.errors import DROError
 from dro_plugins.faults import crash_point
 from dro_plugins.files import atomic_write_bytes, atomic_write_text
+from dro_plugins.runtime import gathered, shard_optimizer_state
 
 MARKER = "COMPLETE"
 
@@ -69,14 +70,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(folder: Path, state: LoopState, units: dict, optimizers: dict, new_best: bool) -> None:
+def save_checkpoint(folder: Path, state: LoopState, units: dict, optimizers: dict, new_best: bool, write: bool = True) -> None:
     """Write adapters, best adapters, optimizer and RNG states and the loop state to ``folder``, crash-safely.
+
+    Every process calls it: with sharded weights (FSDP2) the full adapters and optimizer states are gathered from all
+    of them. Only the process with ``write`` writes.
 
     Args:
         units: role -> trainable unit (:class:`dro_plugins.selectors.base.TrainableUnit`).
         new_best: the current adapters are the best so far (copied to ``best/``); otherwise ``best/`` is carried over
             from the previous checkpoint.
+        write: False for the processes that only take part in gathering.
     """
+    optimizer_states = {k: _gathered_state(o) for k, o in optimizers.items()}
+    if not write:
+        for unit in units.values():
+            unit.save(None)
+        return
     staging = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
     previous = find_checkpoint(folder)
@@ -85,14 +95,14 @@ def save_checkpoint(folder: Path, state: LoopState, units: dict, optimizers: dic
     for role, unit in units.items():
         unit.save(staging / role)
         if new_best:
-            unit.save(staging / "best" / role)
+            shutil.copytree(staging / role, staging / "best" / role)
     if not new_best and previous is not None and (previous / "best").is_dir():
         shutil.copytree(previous / "best", staging / "best")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     buffer = io.BytesIO()
-    torch.save({"optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "rng": rng}, buffer)
+    torch.save({"optimizers": optimizer_states, "rng": rng}, buffer)
     atomic_write_bytes(staging / "optimizers.pt", buffer.getvalue())
     atomic_write_text(staging / "state.json", json.dumps(asdict(state), indent=1))
     files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
@@ -104,6 +114,12 @@ def save_checkpoint(folder: Path, state: LoopState, units: dict, optimizers: dic
     crash_point("checkpoint-swap")
     os.replace(staging, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _gathered_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict with full tensors (sharded ones gathered), as one process would have it."""
+    saved = optimizer.state_dict()
+    return {**saved, "state": {i: {k: gathered(v) for k, v in s.items()} for i, s in saved["state"].items()}}
 
 
 def verify(folder: Path) -> None:
@@ -160,6 +176,7 @@ def load_checkpoint(folder: Path, units: dict, optimizers: dict) -> LoopState:
     saved = torch.load(folder / "optimizers.pt", weights_only=True, map_location="cpu")
     for key, optimizer in optimizers.items():
         optimizer.load_state_dict(saved["optimizers"][key])
+        shard_optimizer_state(optimizer)
     torch.set_rng_state(saved["rng"]["torch"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -47,6 +47,7 @@ def predict(
     batch_size: int,
     track: Track = no_progress,
     max_tokens: int | None = None,
+    calls: Callable[[int], int] | None = None,
 ) -> list[dict]:
     """Per question: the greedy selection, the greedy answer and their scores.
 
@@ -54,6 +55,8 @@ def predict(
         batch_size: questions per progress step.
         track: wraps the batch loop for progress display (:class:`dro_plugins.progress.Track`).
         max_tokens: padded tokens per forward pass (``dro.max_tokens_per_microbatch``); None = no limit.
+        calls: micro-batch calls for a plan of n, as :func:`dro_plugins.batching.run_in_microbatches` (``Runtime.calls``
+            when processes shard the weights).
 
     Returns:
         One ``{"id", "prediction", "selected", "failure", "em", "f1", "recall", "answer_log_likelihood"}`` per
@@ -64,17 +67,18 @@ def predict(
     for given in track(batches(examples, batch_size), "evaluate", len(examples), size=len):
         batch = selector.candidates(given)  # a trainable retriever with an index retrieves with its current weights
         selected = run_in_microbatches(
-            [selector.shape(ex, 1) for ex in batch], max_tokens, lambda micro: selector.select([batch[i] for i in micro])
+            [selector.shape(ex, 1) for ex in batch], max_tokens, lambda micro: selector.select([batch[i] for i in micro]), calls
         )
         shapes = [generator.shape(ex, [picks]) for ex, picks in zip(batch, selected)]
         answers = run_in_microbatches(
-            shapes, max_tokens, lambda micro: generator.generate([batch[i] for i in micro], [selected[i] for i in micro])
+            shapes, max_tokens, lambda micro: generator.generate([batch[i] for i in micro], [selected[i] for i in micro]), calls
         )
         with torch.no_grad():
             likelihoods = run_in_microbatches(
                 shapes,
                 max_tokens,
                 lambda micro: generator.log_likelihood([batch[i] for i in micro], torch.tensor([[selected[i]] for i in micro]))[:, 0].tolist(),
+                calls,
             )
         for example, picks, answer, likelihood in zip(batch, selected, answers, likelihoods):
             predictions.append({

@@ -9,6 +9,7 @@ import torch
 from dro_plugins.batching import MAX_PADDING, Shape, plan_microbatches
 from dro_plugins.data import Example, Passage
 from dro_plugins.lm import greedy_generate, tail_logits
+from dro_plugins.runtime import is_sharded
 from dro_plugins.prompts import generator_prompt, render
 from dro_plugins.tokenization import chat_format, encode_prompt, encode_with_target, stop_token_ids
 from dro_plugins.units import AdapterUnit
@@ -146,9 +147,10 @@ class LMGenerator:
                     sequences.append(prompt + target)
                     targets.append(target)
                 index.append(rows[key])
-        # rows of similar length share a forward (padding at most MAX_PADDING of it: attention grows as length^2)
+        # rows of similar length share a forward (padding at most MAX_PADDING of it: attention grows as length^2);
+        # with sharded weights (FSDP2) one forward, so that every process runs as many as the others
         lengths = [Shape(1, len(sequence)) for sequence in sequences]
-        groups = plan_microbatches(lengths, sum(s.tokens for s in lengths), MAX_PADDING)
+        groups = [list(range(len(sequences)))] if is_sharded(self.model) else plan_microbatches(lengths, sum(s.tokens for s in lengths), MAX_PADDING)
         totals = [None] * len(sequences)
         for group in groups:
             for r, total in zip(group, self._answer_log_probs([sequences[r] for r in group], [targets[r] for r in group])):

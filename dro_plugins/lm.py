@@ -9,7 +9,10 @@ own ``forward``, which peft, DDP and FSDP wrap. Shared prompts are packed by :mo
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
+
+from dro_plugins.runtime import is_sharded
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -70,6 +73,7 @@ def greedy_generate(
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=list(stop_ids) if stop_ids else tokenizer.eos_token_id,
+        synced_gpus=is_sharded(model),  # sharded weights: every process decodes until all are done
     )
     model.train(was_training)
     return [text.strip() for text in tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)]

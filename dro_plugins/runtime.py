@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
@@ -57,8 +58,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-# Accelerate engines that shard the weights (set in the environment by `accelerate launch --config_file ...`)
-UNSUPPORTED_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+# Accelerate engines not supported (set in the environment by `accelerate launch --config_file ...`)
+UNSUPPORTED_ENGINES = ("DEEPSPEED", "MEGATRON_LM")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true")
 
 
 def shard_range(count: int, rank: int, world_size: int) -> range:
@@ -69,6 +74,83 @@ def shard_range(count: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
+def fsdp_root(model):
+    """The module that FSDP2 shards as its root: the causal LM inside a peft model, else the model.
+
+    Not the ``PeftModel`` itself: peft's ``generate`` calls the inner model, which would then run outside the root's
+    hooks (its parameters still sharded). The inner model holds every parameter, adapters included.
+    """
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_sharded(model) -> bool:
+    """True when ``model``'s weights are sharded over processes (FSDP2): each of its forwards needs every process."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(fsdp_root(model), FSDPModule)
+
+
+def reshard(model) -> None:
+    """Put a sharded model's parameters back to their shards (a no-op for shards and for a model not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in fsdp_root(model).modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def all_done(model, done: bool) -> bool:
+    """Whether every process is done with a decoding loop: ``done`` itself unless ``model`` is sharded, in which case
+    a process that is done must keep taking part in forwards until all are (one all-reduce per step, as
+    transformers' ``generate(synced_gpus=True)``)."""
+    if not is_sharded(model):
+        return done
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if done else 1.0], device=next(model.parameters()).device)
+    dist.all_reduce(flag)
+    return flag.item() == 0.0
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """A full tensor from a sharded one (``DTensor``; collective: every process calls it in the same order); any
+    other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` of full (one-process) optimizer state into an optimizer of sharded parameters: each
+    state tensor shaped like its parameter is sharded like it (every process holds the full tensor, so this is local)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for param, state in optimizer.state.items():
+        if not isinstance(param, DTensor):
+            continue
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == param.shape:
+                state[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def _fully_shard(model, plugin) -> None:
+    """FSDP2 on ``model``, in place: each transformer block (the accelerate config's ``fsdp_transformer_layer_cls_to_wrap``,
+    else the model's ``_no_split_modules``) is one unit, the rest is the root (:func:`fsdp_root`).
+
+    Parameters keep their dtype (bfloat16 base, float32 adapters, DESIGN.md §8); the config's resharding and
+    CPU offloading apply.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    root = fsdp_root(model)
+    names = set(plugin.transformer_cls_names_to_wrap or getattr(root, "_no_split_modules", None) or [])
+    options = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload}
+    for module in list(root.modules())[1:]:
+        if type(module).__name__ in names:
+            fully_shard(module, **options)
+    fully_shard(root, offload_policy=plugin.cpu_offload)
+
+
 class Runtime:
     """What differs between one process and several (``accelerate launch``, ``torchrun``): the trainer's only view of it.
 
@@ -77,12 +159,18 @@ class Runtime:
     ``find_unused_parameters``, since each optimizer step uses one of two adapters on a shared base), and collective
     helpers. Work is split into contiguous shards in process order, so gathering restores the one-process order.
 
+    With an accelerate config for FSDP (``fsdp_version: 2``) the weights are sharded instead (:meth:`prepare`), and
+    every forward of a model needs every process: the processes then run in lockstep (:attr:`lockstep`), each
+    padding its work to the same number of forwards (:meth:`share`, :meth:`calls`, :func:`all_done`).
+
     Args:
         accelerator: None for one process.
+        fsdp: the accelerate FSDP2 plugin (its settings from the accelerate config), or None for DDP.
     """
 
-    def __init__(self, accelerator=None):
+    def __init__(self, accelerator=None, fsdp=None):
         self.accelerator = accelerator
+        self.fsdp = fsdp
 
     @classmethod
     def from_environment(cls, device_name: str, timeout_s: int = 600) -> Runtime:
@@ -93,14 +181,20 @@ class Runtime:
         """
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
-        engines = [name for name in UNSUPPORTED_ENGINES if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true")]
-        if engines:  # they shard weights, so every forward would need all processes in step: not built (DESIGN.md §8)
+        engines = [name for name in UNSUPPORTED_ENGINES if _flag(f"ACCELERATE_USE_{name}")]
+        if engines:
             raise DROError(
-                f"the accelerate config asks for {engines[0].replace('_', '-')}; dro optimize runs data-parallel (DDP) only "
-                "so far: use an accelerate config with distributed_type: MULTI_GPU (or MULTI_CPU), or torchrun"
+                f"the accelerate config asks for {engines[0].replace('_', '-')}, which dro optimize does not run: use "
+                "distributed_type: MULTI_GPU (DDP) or FSDP with fsdp_version: 2"
             )
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+
+        fsdp = None
+        if _flag("ACCELERATE_USE_FSDP"):
+            fsdp = FullyShardedDataParallelPlugin()  # reads the accelerate config's fsdp_* settings
+            if fsdp.fsdp_version != 2:
+                raise DROError("the accelerate config asks for FSDP version 1; dro optimize runs FSDP2: set fsdp_config.fsdp_version: 2")
 
         handlers = [
             # broadcast_buffers off: processes run different numbers of forwards (their shares differ), and a
@@ -108,7 +202,7 @@ class Runtime:
             DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False),
             InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
         ]
-        return cls(Accelerator(cpu=device_name == "cpu", kwargs_handlers=handlers))
+        return cls(Accelerator(cpu=device_name == "cpu", kwargs_handlers=handlers), fsdp)
 
     @property
     def world_size(self) -> int:
@@ -122,6 +216,11 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def lockstep(self) -> bool:
+        """True when the weights are sharded (FSDP2): every process must run every forward, in the same order."""
+        return self.fsdp is not None
+
     def device_name(self, configured: str) -> str:
         """The config's ``device`` for this process: under a launcher with GPUs, this process's own GPU."""
         if self.accelerator is None or configured == "cpu" or self.accelerator.device.type != "cuda":
@@ -131,6 +230,29 @@ class Runtime:
     def shard(self, count: int) -> range:
         """This process's share of ``count`` items (:func:`shard_range`)."""
         return shard_range(count, self.rank, self.world_size)
+
+    def share(self, items: Sequence) -> tuple[list, int]:
+        """This process's share of ``items`` and how many of them are its own.
+
+        In lockstep every share is padded to the largest with copies of the last item (as torch's
+        ``DistributedSampler`` pads), so every process runs as many batches; the padding's results are dropped.
+        """
+        mine = [items[i] for i in self.shard(len(items))]
+        if not self.lockstep or not items:
+            return mine, len(mine)
+        largest = -(-len(items) // self.world_size)  # the first process's share (shard_range)
+        return mine + [items[-1]] * (largest - len(mine)), len(mine)
+
+    def calls(self, count: int) -> int:
+        """How many times to run a step that this process needs ``count`` times: the most any process needs, in
+        lockstep (one all-reduce), so that all run it equally often; ``count`` otherwise."""
+        if not self.lockstep:
+            return count
+        import torch.distributed as dist
+
+        value = torch.tensor([count], device=self.accelerator.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value.item())
 
     @contextlib.contextmanager
     def main_first(self):
@@ -161,9 +283,27 @@ class Runtime:
             self.accelerator.wait_for_everyone()
 
     def prepare(self, model):
-        """The model to train through: DDP-wrapped under a launcher, the model itself otherwise."""
-        return model if self.accelerator is None else self.accelerator.prepare_model(model)
+        """The model to train through: DDP-wrapped under a launcher, sharded in place with FSDP2 (the model itself
+        is returned), the model itself with one process."""
+        if self.accelerator is None:
+            return model
+        if self.lockstep:
+            _fully_shard(model, self.fsdp)
+            return model
+        return self.accelerator.prepare_model(model)
 
+    @contextlib.contextmanager
     def no_sync(self, model):
-        """Accumulate gradients locally in the enclosed backward passes (no all-reduce)."""
-        return contextlib.nullcontext() if self.accelerator is None else self.accelerator.no_sync(model)
+        """Accumulate gradients locally in the enclosed backward passes (no all-reduce or reduce-scatter)."""
+        if self.accelerator is None:
+            yield
+        elif self.lockstep:
+            root = fsdp_root(model)
+            root.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                root.set_requires_gradient_sync(True)
+        else:
+            with self.accelerator.no_sync(model):
+                yield

@@ -101,7 +101,8 @@ class DROTrainer:
         self.log = log
         self.stop_requested = False
         self.units = {"selector": selector.unit, "generator": generator.unit}
-        self.optimizers = {
+        self._prepare()
+        self.optimizers = {  # after _prepare: sharding (FSDP2) replaces the parameters
             role: _adamw(unit, getattr(config, role).learning_rate or config.dro.learning_rate, config.dro.weight_decay)
             for role, unit in self.units.items()
         }
@@ -111,7 +112,6 @@ class DROTrainer:
         self.meters: dict[str, PhaseMeter] = {}  # this iteration's phases (dro_plugins.throughput)
         self.reporter: Reporter = NoReporter()  # fit() opens config.report_to
         self.tokens_planned = 0  # tokens of the questions' forward rows so far (Shape.tokens), for the meters
-        self._prepare()
 
     def _prepare(self) -> None:
         """Wrap each distinct model for data-parallel training (DDP under a launcher; nothing with one process).
@@ -119,7 +119,15 @@ class DROTrainer:
         Both adapters are made trainable first: DDP registers the parameters that require a gradient when it wraps,
         and peft's ``set_adapter`` turns the inactive adapter's off. An optimizer step then leaves the other role's
         adapter unused, which the wrapper is told to expect (``Runtime``).
+
+        Raises:
+            DROError: sharded weights (FSDP2) asked for with a retriever selector, whose query tower is not sharded.
         """
+        if self.runtime.lockstep and self.config.selector.kind != "lm":
+            raise DROError(
+                f"FSDP shards LM weights, and selector.kind is {self.config.selector.kind}: run it with a DDP accelerate "
+                "config (distributed_type: MULTI_GPU) or torchrun"
+            )
         wrapped: dict[int, object] = {}
         for unit in self.units.values():
             for param in unit.parameters():
@@ -255,7 +263,7 @@ class DROTrainer:
         self.paths.samples.mkdir(parents=True, exist_ok=True)
         self.phase = f"E-step of iteration {iteration}"
         lines, started = [], time.perf_counter()
-        share = [self.train_set[i] for i in self.runtime.shard(len(self.train_set))]  # contiguous: gathered in order
+        share, own = self.runtime.share(self.train_set)  # contiguous: gathered in order; padded in lockstep
         chunks = batches(share, dro.batch_size)
         for given in self.track(chunks, f"E-step {iteration}", len(share), size=len):
             batch = self.selector.candidates(given)  # a trainable retriever re-retrieves its pools
@@ -276,7 +284,7 @@ class DROTrainer:
             crash_point("e-step")
             if self.stop_requested:
                 raise Interrupted(f"interrupted in E-step {iteration}; it restarts on resume")
-        lines = self.runtime.gather(lines)
+        lines = self.runtime.gather(lines[:own])
         if self.runtime.is_main:
             atomic_write_text(self._sample_file(iteration), "".join(json.dumps(line) + "\n" for line in lines))
         self.runtime.wait()
@@ -383,9 +391,10 @@ class DROTrainer:
         ``batch`` is the step's global batch. With several processes each takes its contiguous share; its share is
         split into micro-batches of at most ``dro.max_tokens_per_microbatch`` padded tokens, each backpropagating
         ``sum(per-question losses) x P / len(batch)`` with gradient sync deferred to its last micro-batch, where
-        DDP averages over the P processes: the update equals the one-process one. A process without a question in
-        the step backpropagates a zero loss, so that every process joins the all-reduce. A non-finite loss skips the
-        whole step on every process (and aborts if it keeps happening).
+        DDP (or FSDP2's reduce-scatter) averages over the P processes: the update equals the one-process one. A process
+        without a question in the step backpropagates a zero loss, so that every process joins the all-reduce; in
+        lockstep (FSDP2) a process with fewer micro-batches than another adds zero-loss ones. A non-finite loss skips
+        the whole step on every process (and aborts if it keeps happening).
 
         Args:
             permutations: ``[B, m, k]``; weights: ``[B, m]`` importance weights (ones for the warm-up).
@@ -400,12 +409,13 @@ class DROTrainer:
         plan = self._plan(role, part, part_permutations) if part else []
         scale = self.runtime.world_size / len(batch)
         model = self.units[role].prepared
+        micros = plan + [None] * (self.runtime.calls(max(len(plan), 1)) - len(plan))
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros(())
-        for n, micro in enumerate(plan or [None]):
-            synced = n == max(len(plan), 1) - 1
+        for n, micro in enumerate(micros):
+            synced = n == len(micros) - 1
             with nullcontext() if synced else self.runtime.no_sync(model):
-                if micro is None:  # no question here: a zero loss through the model, so this process joins the all-reduce
+                if micro is None:  # nothing (left) here: a zero loss through the model, so this process joins in
                     loss = objective(weights[:1], score(batch[:1], permutations[:1])).sum() * 0.0
                 else:
                     loss = objective(part_weights[micro], score([part[i] for i in micro], part_permutations[micro])).sum() * scale
@@ -448,7 +458,7 @@ class DROTrainer:
         """``run(indices)`` per micro-batch of ``batch``; the per-question results in batch order."""
         self._warn_oversized(role, batch, shapes)
         self.tokens_planned += sum(shape.tokens for shape in shapes)
-        return run_in_microbatches(shapes, self.config.dro.max_tokens_per_microbatch, run)
+        return run_in_microbatches(shapes, self.config.dro.max_tokens_per_microbatch, run, self.runtime.calls)
 
     def _warn_oversized(self, role: str, batch: Sequence[Example], shapes: list[Shape]) -> None:
         budget = self.config.dro.max_tokens_per_microbatch
@@ -466,14 +476,14 @@ class DROTrainer:
     def _validate(self) -> dict:
         """Greedy selection and answers on the validation set (each process its share), summarized over all."""
         self.phase = "validation"
-        share = [self.validation[i] for i in self.runtime.shard(len(self.validation))]
-        with self._measure("validation", len(share)), self._adapters_in_compute_dtype():
+        share, own = self.runtime.share(self.validation)
+        with self._measure("validation", own), self._adapters_in_compute_dtype():
             predictions = predict(
                 self.selector, self.generator, share, self.config.eval_batch_size, self.track,
-                self.config.dro.max_tokens_per_microbatch,
+                self.config.dro.max_tokens_per_microbatch, self.runtime.calls,
             )
         crash_point("validation")
-        return summarize(self.runtime.gather(predictions))
+        return summarize(self.runtime.gather(predictions[:own]))
 
     def _record(self, state: LoopState, result: dict, iteration: int, stage: str = "dro") -> bool:
         """Append a metrics line (to the history and to metrics.jsonl); True when it is a new best F1 (stage "dro")."""
@@ -552,10 +562,10 @@ class DROTrainer:
     def _checkpoint(self, state: LoopState, new_best: bool = False) -> None:
         """Save the loop state; with a new best iteration, its adapters go into the checkpoint, then the run folder."""
         state.throughput = {phase: meter.to_dict() for phase, meter in self.meters.items()}
-        if self.runtime.is_main:  # every process holds the same adapters and optimizer states
-            save_checkpoint(self.paths.checkpoint, state, self.units, self.optimizers, new_best)
-            if new_best:
-                self._publish_best(self.paths.checkpoint)
+        # every process takes part (sharded weights are gathered); the main one writes
+        save_checkpoint(self.paths.checkpoint, state, self.units, self.optimizers, new_best, write=self.runtime.is_main)
+        if new_best and self.runtime.is_main:
+            self._publish_best(self.paths.checkpoint)
         self.runtime.wait()
 
     def _write_report(self, state: LoopState) -> dict:

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save
+from torch.distributed.tensor.experimental import implicit_replication
 
 from dro_plugins.files import atomic_write_bytes, atomic_write_text
+from dro_plugins.runtime import gathered, is_sharded, reshard
 
 
 class AdapterUnit:
@@ -54,7 +56,12 @@ class AdapterUnit:
             self.model.set_adapter(self.name, inference_mode=not self.trainable)
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """This adapter's own parameters (LoRA matrices and its ``modules_to_save`` copies), by name."""
+        """This adapter's own parameters (LoRA matrices and its ``modules_to_save`` copies), by name.
+
+        Sharded (FSDP2) parameters are listed as their shards: a model that an inference forward left gathered is
+        resharded first, since an optimizer built over the gathered copies would update copies that FSDP discards.
+        """
+        reshard(self.model)
         marker = f".{self.name}."
         return [(n, p) for n, p in self.model.named_parameters() if marker in n]
 
@@ -72,8 +79,12 @@ class AdapterUnit:
         A float32 adapter on a bf16 base makes peft cast every LoRA input up to float32 and run the LoRA matmuls in
         float32 (DESIGN.md §8); sampling, scoring and validation need no gradient, so they can run the adapter in the
         base's dtype. The parameters stay the same objects (only ``.data`` is swapped), so optimizers are unaffected.
-        For inference only: a gradient taken inside would be in ``dtype``.
+        For inference only: a gradient taken inside would be in ``dtype``. Sharded weights (FSDP2) are left as they
+        are: FSDP gathers them from its own storage, which swapping ``.data`` would not reach.
         """
+        if is_sharded(self.model):
+            yield
+            return
         params = [p for p in self.parameters() if p.is_floating_point() and p.dtype != dtype]
         masters = [p.data for p in params]
         for param in params:
@@ -85,8 +96,11 @@ class AdapterUnit:
                 param.data = master
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's weights with peft's adapter-free keys (the format of ``adapter_model.safetensors``)."""
-        return get_peft_model_state_dict(self.model, adapter_name=self.name)
+        """The adapter's full weights with peft's adapter-free keys (the format of ``adapter_model.safetensors``).
+
+        With sharded weights (FSDP2) the shards are gathered: every process must call it, in the same order.
+        """
+        return {k: gathered(v) for k, v in get_peft_model_state_dict(self.model, adapter_name=self.name).items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy saved adapter weights (any device or dtype) into this adapter.
@@ -94,7 +108,8 @@ class AdapterUnit:
         Raises:
             ValueError: the saved weights do not fit this adapter (other base model or LoRA settings).
         """
-        result = set_peft_model_state_dict(self.model, state, adapter_name=self.name)
+        with implicit_replication():  # sharded (FSDP2) parameters take their shard of each full tensor
+            result = set_peft_model_state_dict(self.model, state, adapter_name=self.name)
         missing = [k for k in result.missing_keys if f".{self.name}." in k]
         if missing:
             raise ValueError(f"saved adapter weights lack {len(missing)} tensors of adapter '{self.name}', e.g. {missing[0]}")
@@ -103,16 +118,19 @@ class AdapterUnit:
         """Load ``adapter_model.safetensors`` of a folder :meth:`save` wrote (see :meth:`load_state_dict`)."""
         self.load_state_dict(load_file(Path(folder) / "adapter_model.safetensors"))
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path | None) -> None:
         """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder``, each file atomically.
 
         The folder loads with ``PeftModel.from_pretrained(base, folder)`` like any peft adapter folder, and with
         ``AutoPeftModelForCausalLM.from_pretrained(folder)`` from any working directory: a local base model is
-        recorded by its absolute path, a hub id as it is.
+        recorded by its absolute path, a hub id as it is. ``folder`` None writes nothing: a process that only takes
+        part in gathering sharded weights (:meth:`state_dict`) for the one that writes.
         """
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        if folder is None:
+            return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         atomic_write_bytes(folder / "adapter_model.safetensors", save(weights, metadata={"format": "pt"}))
         config = self.model.peft_config[self.name].to_dict()
         config["target_modules"] = sorted(config["target_modules"]) if isinstance(config.get("target_modules"), (set, list)) else config.get("target_modules")
@@ -174,8 +192,11 @@ class EncoderUnit:
         """The encoder is small and runs in float32 throughout; nothing changes."""
         yield
 
-    def save(self, folder: Path) -> None:
-        """Write the query tower as a sentence-transformers folder and ``temperature.json`` into ``folder``."""
+    def save(self, folder: Path | None) -> None:
+        """Write the query tower as a sentence-transformers folder and ``temperature.json`` into ``folder`` (None: nothing
+        to do; the query tower is never sharded)."""
+        if folder is None:
+            return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.encoder.save(str(folder))

@@ -36,16 +36,22 @@ def test_meters_of_processes_add_up():
     assert combined["sampling"].summary()["questions_per_s"] == 3.0
 
 
-@pytest.mark.parametrize(("variable", "engine"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")])
-def test_a_weight_sharding_accelerate_config_is_refused_in_one_line(monkeypatch, variable, engine):
-    """FSDP and DeepSpeed shard the weights, so every forward needs all processes in step, which the E-step's uneven
-    shares do not give: refused before any process group starts, instead of hanging."""
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DEEPSPEED.*MULTI_GPU.*fsdp_version: 2"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1.*fsdp_version: 2"),
+    ],
+)
+def test_an_accelerate_config_dro_cannot_run_is_refused_in_one_line(monkeypatch, environment, message):
+    """DeepSpeed and FSDP1 are refused before any process group starts, with the config line that fixes it."""
     from dro_plugins.errors import DROError
     from dro_plugins.runtime import Runtime
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv(variable, "true")
-    with pytest.raises(DROError, match=f"asks for {engine}.*distributed_type: MULTI_GPU"):
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(DROError, match=message):
         Runtime.from_environment("cpu")
 
 

@@ -64,8 +64,9 @@ class TrainableUnit(Protocol):
     def computing_in(self, dtype: torch.dtype) -> AbstractContextManager[None]:
         """Inference in ``dtype`` for the enclosed block (a no-op where it does not pay)."""
 
-    def save(self, folder: Path) -> None:
-        """Write everything needed to restore the unit (and to serve it) into ``folder``."""
+    def save(self, folder: Path | None) -> None:
+        """Write everything needed to restore the unit (and to serve it) into ``folder``. Every process calls it;
+        those with ``folder`` None write nothing but take part in gathering sharded (FSDP2) weights."""
 
     def load(self, folder: Path) -> None:
         """Restore the unit from a folder :meth:`save` wrote (any device or dtype).

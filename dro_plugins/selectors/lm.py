@@ -23,6 +23,7 @@ from dro_plugins.lm import compute_dtype, greedy_generate, left_pad
 from dro_plugins.packing import additive_mask, decode_step_mask, pack_shared_prefix
 from dro_plugins.permutation import DecodingState, PermutationGrammar
 from dro_plugins.prompts import render, selector_prompt
+from dro_plugins.runtime import all_done
 from dro_plugins.selectors.base import SampleBatch, draw_seed, gumbel_noise, question_seed
 from dro_plugins.tokenization import encode_prompt
 from dro_plugins.units import AdapterUnit
@@ -111,7 +112,8 @@ class LMSelector:
             allowed_ids = torch.tensor([[list(a) + [pad] * (width - len(a)) for a in row] for row in allowed], device=device)
             valid = torch.tensor([[[i < len(a) for i in range(width)] for a in row] for row in allowed], device=device)
             step_log_probs = _masked_log_softmax(logits.gather(-1, allowed_ids).float(), valid, temperature)
-            ranked = step_log_probs if noise is None else step_log_probs + noise[:, :, step, :width]
+            # past this process's longest permutation (another process, in lockstep, decodes on) only padding is left
+            ranked = step_log_probs if noise is None or step >= noise.shape[2] else step_log_probs + noise[:, :, step, :width]
             picked = ranked.argmax(-1, keepdim=True)  # [B, m, 1]
             log_probs += step_log_probs.gather(-1, picked).squeeze(-1)
             tokens = allowed_ids.gather(-1, picked).squeeze(-1)  # [B, m]
@@ -119,7 +121,7 @@ class LMSelector:
                 for state, token in zip(row, row_tokens):
                     if not state.done:
                         state.advance(token)
-            if all(state.done for row in states for state in row):
+            if all_done(self.model, all(state.done for row in states for state in row)):
                 break
             mask = additive_mask(decode_step_mask(prompt_mask, num_samples, step), mask_dtype)
             out = self.model(
