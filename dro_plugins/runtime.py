@@ -139,15 +139,35 @@ def _fully_shard(model, plugin) -> None:
 
     Parameters keep their dtype (bfloat16 base, float32 adapters, DESIGN.md §8); the config's resharding and
     CPU offloading apply.
+
+    Raises:
+        DROError: the model is not a causal LM with adapters (a retriever's query tower), has no block to shard, or
+            has trainable parameters in two dtypes (FSDP reduces all of a unit's gradients in one).
     """
     from torch.distributed.fsdp import fully_shard
 
+    if not hasattr(model, "get_base_model"):
+        raise DROError(
+            f"FSDP shards causal LMs with LoRA adapters, not a {type(model).__name__} (the retriever selector's query "
+            "tower): run it with a DDP accelerate config (distributed_type: MULTI_GPU) or torchrun"
+        )
     root = fsdp_root(model)
     names = set(plugin.transformer_cls_names_to_wrap or getattr(root, "_no_split_modules", None) or [])
+    blocks = [module for module in list(root.modules())[1:] if type(module).__name__ in names]
+    if not blocks:
+        raise DROError(
+            f"FSDP found no transformer block to shard in {type(root).__name__} (looked for {sorted(names) or 'its _no_split_modules'}): "
+            "set fsdp_config.fsdp_transformer_layer_cls_to_wrap in the accelerate config to the model's decoder layer class"
+        )
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in root.parameters() if p.requires_grad})
+    if len(dtypes) > 1:
+        raise DROError(
+            f"FSDP needs every trained parameter in one dtype, and these are {' and '.join(dtypes)} (lora.modules_to_save "
+            "copies run in the base's dtype, adapters in float32): drop lora.modules_to_save, or use DDP"
+        )
     options = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload}
-    for module in list(root.modules())[1:]:
-        if type(module).__name__ in names:
-            fully_shard(module, **options)
+    for block in blocks:
+        fully_shard(block, **options)
     fully_shard(root, offload_policy=plugin.cpu_offload)
 
 

@@ -114,20 +114,12 @@ class DROTrainer:
         self.tokens_planned = 0  # tokens of the questions' forward rows so far (Shape.tokens), for the meters
 
     def _prepare(self) -> None:
-        """Wrap each distinct model for data-parallel training (DDP under a launcher; nothing with one process).
+        """Wrap each distinct model for training in several processes (DDP, or FSDP2 in place; nothing with one).
 
         Both adapters are made trainable first: DDP registers the parameters that require a gradient when it wraps,
         and peft's ``set_adapter`` turns the inactive adapter's off. An optimizer step then leaves the other role's
         adapter unused, which the wrapper is told to expect (``Runtime``).
-
-        Raises:
-            DROError: sharded weights (FSDP2) asked for with a retriever selector, whose query tower is not sharded.
         """
-        if self.runtime.lockstep and self.config.selector.kind != "lm":
-            raise DROError(
-                f"FSDP shards LM weights, and selector.kind is {self.config.selector.kind}: run it with a DDP accelerate "
-                "config (distributed_type: MULTI_GPU) or torchrun"
-            )
         wrapped: dict[int, object] = {}
         for unit in self.units.values():
             for param in unit.parameters():
@@ -267,8 +259,9 @@ class DROTrainer:
         chunks = batches(share, dro.batch_size)
         for given in self.track(chunks, f"E-step {iteration}", len(share), size=len):
             batch = self.selector.candidates(given)  # a trainable retriever re-retrieves its pools
-            permutations, log_probs = self._draw(batch, seed)
-            log_likelihoods = self._score(batch, permutations)
+            counted = min(len(batch), own - len(lines))  # the meters count no padding
+            permutations, log_probs = self._draw(batch, seed, counted)
+            log_likelihoods = self._score(batch, permutations, counted)
             weights = weigh(log_likelihoods)
             for b, example in enumerate(batch):
                 lines.append(
@@ -291,22 +284,24 @@ class DROTrainer:
         crash_point("samples-written")
         self.log(f"E-step {iteration}: {len(lines)} questions x {dro.num_samples} samples in {time.perf_counter() - started:.1f}s")
 
-    def _draw(self, batch: Sequence[Example], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """m permutations per question ``[B, m, k]`` and their selector log-probs ``[B, m]``, by micro-batch."""
+    def _draw(self, batch: Sequence[Example], seed: int, counted: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """m permutations per question ``[B, m, k]`` and their selector log-probs ``[B, m]``, by micro-batch; the
+        sampling meter counts ``counted`` of the questions (the rest pad a lockstep share; None: all)."""
         dro = self.config.dro
 
         def sample(micro: list[int]):
             drawn = self.selector.sample([batch[i] for i in micro], dro.num_samples, dro.temperature, seed)
             return list(zip(drawn.permutations, drawn.log_probs))
 
-        with self._measure("sampling", len(batch)), self._adapters_in_compute_dtype():
+        with self._measure("sampling", len(batch) if counted is None else counted), self._adapters_in_compute_dtype():
             drawn = self._in_microbatches("selector", batch, [self.selector.shape(ex, dro.num_samples) for ex in batch], sample)
         return torch.stack([p for p, _ in drawn]), torch.stack([lp for _, lp in drawn])
 
     @torch.no_grad()
-    def _score(self, batch: Sequence[Example], permutations: torch.Tensor) -> torch.Tensor:
-        """log p_G(y | x, d_z) ``[B, m]`` of each sampled permutation (CPU), by micro-batch."""
-        with self._measure("scoring", len(batch)), self._adapters_in_compute_dtype():
+    def _score(self, batch: Sequence[Example], permutations: torch.Tensor, counted: int | None = None) -> torch.Tensor:
+        """log p_G(y | x, d_z) ``[B, m]`` of each sampled permutation (CPU), by micro-batch; the scoring meter counts
+        ``counted`` of the questions."""
+        with self._measure("scoring", len(batch) if counted is None else counted), self._adapters_in_compute_dtype():
             rows = self._in_microbatches(
                 "generator", batch, self._shapes("generator", batch, permutations),
                 lambda micro: self.generator.log_likelihood([batch[i] for i in micro], permutations[micro]).cpu(),

@@ -6,13 +6,15 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from dro_plugins.data import write_examples
-from dro_plugins.runtime import shard_range
+from dro_plugins.batching import MAX_PADDING, Shape, plan_microbatches, run_in_microbatches
+from dro_plugins.runtime import Runtime, shard_range
 from dro_plugins.synthetic import make_dataset
 from dro_plugins.throughput import PhaseMeter, combine_meters
 from tests.conftest import tiny_run_config
@@ -24,6 +26,64 @@ def test_shards_are_contiguous_balanced_and_in_order():
     assert [list(shard_range(10, r, 3)) for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert [list(shard_range(2, r, 3)) for r in range(3)] == [[0], [1], []]  # a process may get nothing
     assert [list(shard_range(5, 0, 1))] == [[0, 1, 2, 3, 4]]
+
+
+def _lockstep_runtime(rank: int, world_size: int) -> Runtime:
+    """A Runtime that believes it is process ``rank`` of ``world_size`` with sharded weights (no process group)."""
+    return Runtime(SimpleNamespace(process_index=rank, num_processes=world_size), fsdp=SimpleNamespace())
+
+
+def test_lockstep_shares_are_padded_to_the_largest_with_the_last_item():
+    items = [f"q{i}" for i in range(10)]
+    shares = [_lockstep_runtime(rank, 3).share(items) for rank in range(3)]
+    assert shares == [(["q0", "q1", "q2", "q3"], 4), (["q4", "q5", "q6", "q9"], 3), (["q7", "q8", "q9", "q9"], 3)]
+    # dropping the padding and concatenating in process order gives the items back
+    assert [item for share, own in shares for item in share[:own]] == items
+    assert _lockstep_runtime(2, 3).share(["q0", "q1"]) == (["q1"], 0)  # nothing of its own: it still runs a batch
+    assert Runtime().share(items) == (items, 10)
+
+
+def test_padded_microbatch_calls_repeat_the_last_and_keep_the_results():
+    shapes = [Shape(1, length) for length in (5, 9, 4, 8)]
+    calls = []
+
+    def run(micro):
+        calls.append(list(micro))
+        return [f"r{i}" for i in micro]
+
+    results = run_in_microbatches(shapes, 18, run, calls=lambda n: n + 2)
+    assert results == ["r0", "r1", "r2", "r3"]
+    assert len(calls) == len(plan_microbatches(shapes, 18, MAX_PADDING)) + 2 and calls[-1] == calls[-2] == calls[-3]
+
+
+class _Blocks(torch.nn.Module):
+    """A stand-in causal LM: ``get_base_model`` like a peft model, two blocks, a head."""
+
+    _no_split_modules = ["Linear"]
+
+    def __init__(self, head_dtype=torch.float32):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+        self.head = torch.nn.Embedding(3, 2, dtype=head_dtype)
+
+    def get_base_model(self):
+        return self
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (torch.nn.Linear(2, 2), "not a Linear.*DDP accelerate config"),
+        (type("NoBlocks", (_Blocks,), {"_no_split_modules": None})(), "no transformer block.*fsdp_transformer_layer_cls_to_wrap"),
+        (_Blocks(head_dtype=torch.bfloat16), "bfloat16 and float32.*drop lora.modules_to_save"),
+    ],
+)
+def test_a_model_fsdp_cannot_shard_is_refused_in_one_line(model, message):
+    from dro_plugins.errors import DROError
+
+    plugin = SimpleNamespace(transformer_cls_names_to_wrap=None, reshard_after_forward=True, cpu_offload=None)
+    with pytest.raises(DROError, match=message):
+        Runtime(SimpleNamespace(), fsdp=plugin).prepare(model)
 
 
 def test_meters_of_processes_add_up():
@@ -78,37 +138,52 @@ def _samples(run, iteration):
     return [json.loads(line) for line in (run / "samples" / f"iteration_{iteration:03d}.jsonl").read_text().splitlines()]
 
 
+ENGINES = {"ddp": {}, "fsdp": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}}  # as `accelerate launch` sets them
+
+
+def _assert_same_result(run, one):
+    """``run`` reached the one-process run's samples, adapters and metrics."""
+    for iteration in (1, 2):  # same questions, same order, same draws (seeded per question, never per rank)
+        mine, theirs = _samples(run, iteration), _samples(one, iteration)
+        assert [s["id"] for s in mine] == [s["id"] for s in theirs]
+        assert [s["permutations"] for s in mine] == [s["permutations"] for s in theirs]
+        for a, b in zip(mine, theirs):  # float sums differ with batch neighbours, in the 7th digit
+            for key in ("selector_log_probs", "log_likelihoods", "weights"):
+                assert a[key] == pytest.approx(b[key], abs=1e-5)
+    for role in ("selector", "generator"):
+        a, b = load_file(run / role / "adapter_model.safetensors"), load_file(one / role / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:  # AdamW's normalised step magnifies float-order noise where a gradient is ~0
+            torch.testing.assert_close(a[key], b[key], atol=5e-5, rtol=1e-4)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(lines, reference, strict=True):
+        assert (a["em"], a["f1"], a["recall"], a["attribution"]) == (b["em"], b["f1"], b["recall"], b["attribution"])
+        assert a["answer_log_likelihood"] == pytest.approx(b["answer_log_likelihood"], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("one_process")
+    result = _optimize(_config(folder, "p1"), 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "p1"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
-def test_two_and_three_processes_reach_the_one_process_result(tmp_path):
-    runs = {}
-    for processes in (1, 2, 3):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_and_three_processes_reach_the_one_process_result(tmp_path, one_process_run, engine):
+    """DDP, and FSDP2 with its weights sharded over the processes (in lockstep, padded shares)."""
+    for processes in (2, 3):  # 10 training questions: uneven over 3 processes
         name = f"p{processes}"
-        result = _optimize(_config(tmp_path, name), processes)
+        result = _optimize(_config(tmp_path, name), processes, **ENGINES[engine])
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[processes] = tmp_path / name
-    one = runs[1]
-    for processes in (2, 3):
-        run = runs[processes]
-        for iteration in (1, 2):  # same questions, same order, same draws (seeded per question, never per rank)
-            mine, theirs = _samples(run, iteration), _samples(one, iteration)
-            assert [s["id"] for s in mine] == [s["id"] for s in theirs]
-            assert [s["permutations"] for s in mine] == [s["permutations"] for s in theirs]
-            for a, b in zip(mine, theirs):  # float sums differ with batch neighbours, in the 7th digit
-                for key in ("selector_log_probs", "log_likelihoods", "weights"):
-                    assert a[key] == pytest.approx(b[key], abs=1e-5)
-        for role in ("selector", "generator"):
-            a, b = load_file(run / role / "adapter_model.safetensors"), load_file(one / role / "adapter_model.safetensors")
-            assert a.keys() == b.keys()
-            for key in a:  # AdamW's normalised step magnifies float-order noise where a gradient is ~0
-                torch.testing.assert_close(a[key], b[key], atol=5e-5, rtol=1e-4)
-        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        reference = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
-        for a, b in zip(lines, reference, strict=True):
-            assert (a["em"], a["f1"], a["recall"], a["attribution"]) == (b["em"], b["f1"], b["recall"], b["attribution"])
-            assert a["answer_log_likelihood"] == pytest.approx(b["answer_log_likelihood"], abs=1e-4)
-        # throughput counts every process's questions once
-        assert lines[-1]["throughput"]["sampling"]["questions_per_s"] * lines[-1]["throughput"]["sampling"]["seconds"] == pytest.approx(10, rel=0.01)
+        _assert_same_result(tmp_path / name, one_process_run)
+        lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        # throughput counts every process's questions once (never a lockstep process's padding)
+        sampling = lines[-1]["throughput"]["sampling"]
+        assert sampling["questions_per_s"] * sampling["seconds"] == pytest.approx(10, rel=0.01)
 
 
 GRADIENTS = textwrap.dedent(
@@ -117,7 +192,7 @@ GRADIENTS = textwrap.dedent(
     from dro_plugins.config import RunConfig, load_config
     from dro_plugins.data import load_run_data
     from dro_plugins.run import build_models
-    from dro_plugins.runtime import Runtime
+    from dro_plugins.runtime import Runtime, gathered
     from dro_plugins.trainer import DROTrainer
 
     config = load_config(sys.argv[1])
@@ -132,7 +207,7 @@ GRADIENTS = textwrap.dedent(
     grads = {}
     for role in ("selector", "generator"):
         trainer.step(role, batch, permutations, weights, trainer.optimizers[role])
-        grads[role] = {n: p.grad.clone() for n, p in trainer.units[role].named_parameters() if p.grad is not None}
+        grads[role] = {n: gathered(p.grad).clone() for n, p in trainer.units[role].named_parameters() if p.grad is not None}
     if runtime.is_main:
         torch.save(grads, sys.argv[2])
     """
@@ -141,30 +216,38 @@ GRADIENTS = textwrap.dedent(
 
 @pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
-def test_gradients_after_one_ddp_step_equal_the_one_process_gradients(tmp_path):
+@pytest.mark.parametrize(("engine", "atol"), [("ddp", 1e-6), ("fsdp", 2e-5)])
+def test_gradients_after_one_step_in_two_processes_equal_the_one_process_gradients(tmp_path, engine, atol):
+    """FSDP2 scores a micro-batch's answers in one padded forward (every process runs as many), one process in forwards
+    grouped by length: the padding moves sums in the 6th digit, hence its wider tolerance."""
     script = tmp_path / "grads.py"
     script.write_text(GRADIENTS)
     grads = {}
     for processes in (1, 2):
         out = tmp_path / f"grads{processes}.pt"
         launch = [TORCHRUN, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
-        result = subprocess.run([*launch, str(script), _config(tmp_path, f"g{processes}"), str(out)], capture_output=True, text=True, timeout=300)
+        env = {**os.environ, **(ENGINES[engine] if processes > 1 else {})}
+        result = subprocess.run([*launch, str(script), _config(tmp_path, f"g{processes}"), str(out)], capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         grads[processes] = torch.load(out)
     for role in ("selector", "generator"):
         one, two = grads[1][role], grads[2][role]
         assert one.keys() == two.keys() and len(one) > 0
         for name in one:
-            torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(two[name], one[name], atol=atol, rtol=1e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
-def test_a_killed_process_ends_the_run_and_a_rerun_with_another_count_resumes(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_killed_process_ends_the_run_and_a_rerun_with_another_count_resumes(tmp_path, one_process_run, engine):
+    """The resumed run reaches the one-process result: with FSDP2 the checkpoint's full adapters and optimizer states
+    are sharded again over the new count."""
     config = _config(tmp_path, "killed")
-    died = _optimize(config, 2, DRO_KILL_AT="m-step", DRO_KILL_RANK="1")  # rank 1 SIGKILLed in the M-step
+    died = _optimize(config, 2, DRO_KILL_AT="m-step", DRO_KILL_RANK="1", **ENGINES[engine])  # rank 1 SIGKILLed in the M-step
     assert died.returncode != 0  # the survivor errors out (or torchrun stops it) instead of waiting forever
-    resumed = _optimize(config, 3)  # shards are recomputed from the count, M-step batches are global: any count resumes
+    resumed = _optimize(config, 3, **ENGINES[engine])  # shards are recomputed from the count, M-step batches are global
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout + resumed.stderr
     assert json.loads((tmp_path / "killed" / "report.json").read_text())["stopped"] == "completed"
+    _assert_same_result(tmp_path / "killed", one_process_run)
