@@ -350,7 +350,9 @@ def optimize(
                 train, validation = (_retrieve(config, pipeline, part, track) for part in (train, validation))
             console.print(f"{len(train)} training and {len(validation)} validation questions; loading models")
             with runtime.main_first():  # a tiny base model is written into the run folder once
-                selector, generator = build_models(config, config.output_dir, index=_dense_index(config, pipeline))
+                selector, generator = build_models(
+                    config, config.output_dir, index=_dense_index(config, pipeline), load_device=runtime.load_device
+                )
             if pipeline is not None:
                 _use_pipeline_prompts(pipeline, generator)
             trainer = DROTrainer(

@@ -92,10 +92,11 @@ def shares_base(config: RunConfig, run_dir: Path) -> bool:
     return same and not (RunPaths(Path(run_dir)).tiny_base("generator") / "config.json").is_file()
 
 
-def _load_base(config: RunConfig, role: str, run_dir: Path):
+def _load_base(config: RunConfig, role: str, run_dir: Path, load_device: str | None = None):
     """``role``'s base model and tokenizer; a shared base is the selector's (its tiny folder and seed)."""
     owner = "selector" if shares_base(config, run_dir) else role
     device, dtype = resolve_device(config.device)
+    device = torch.device(load_device) if load_device else device
     seed = config.seed + ROLES.index(owner)
     return load_base_model(getattr(config, owner), f"{role}.model", RunPaths(run_dir).tiny_base(owner), seed, device, dtype)
 
@@ -108,7 +109,9 @@ def _with_adapter(config: RunConfig, role: str, model, adapters: Path | None, tr
     return load_lora(model, Path(adapters) / role, name=role, trainable=trainable)
 
 
-def load_model(config: RunConfig, role: str, run_dir: Path, adapters: Path | None = None, trainable: bool = True):
+def load_model(
+    config: RunConfig, role: str, run_dir: Path, adapters: Path | None = None, trainable: bool = True, load_device: str | None = None
+):
     """One role's base model with its LoRA adapter (named after the role), on the config's device.
 
     Args:
@@ -117,6 +120,8 @@ def load_model(config: RunConfig, role: str, run_dir: Path, adapters: Path | Non
         run_dir: run folder (tiny base models are written to and read from it).
         adapters: a folder holding ``<role>/`` LoRA adapters to load; fresh adapters when None.
         trainable: whether loaded adapters are trainable.
+        load_device: where the weights are read to, when not the config's device (``Runtime.load_device``: FSDP2
+            moves each process's shard from there to its GPU); the compute dtype is still the config device's.
 
     Returns:
         ``(AdapterUnit, tokenizer)``.
@@ -124,7 +129,7 @@ def load_model(config: RunConfig, role: str, run_dir: Path, adapters: Path | Non
     Raises:
         ModelLoadError: the base model cannot be loaded.
     """
-    base, tokenizer = _load_base(config, role, Path(run_dir))
+    base, tokenizer = _load_base(config, role, Path(run_dir), load_device)
     model = _with_adapter(config, role, base, adapters, trainable)
     _set_checkpointing(config, model, [role])
     return AdapterUnit(model, role, trainable), tokenizer
@@ -202,7 +207,9 @@ def make_generator(config: RunConfig, unit: AdapterUnit, tokenizer) -> LMGenerat
     )
 
 
-def build_models(config: RunConfig, run_dir: Path, adapters: Path | None = None, trainable: bool = True, index=None):
+def build_models(
+    config: RunConfig, run_dir: Path, adapters: Path | None = None, trainable: bool = True, index=None, load_device: str | None = None
+):
     """The selector and generator of a run (see :func:`load_model` for the arguments; ``index`` as
     :func:`load_retriever_selector` takes it, for a retriever selector).
 
@@ -217,11 +224,11 @@ def build_models(config: RunConfig, run_dir: Path, adapters: Path | None = None,
     run_dir = Path(run_dir)
     if config.selector.kind == "retriever":
         selector = load_retriever_selector(config, run_dir, adapters, index)
-        return selector, make_generator(config, *load_model(config, "generator", run_dir, adapters, trainable))
+        return selector, make_generator(config, *load_model(config, "generator", run_dir, adapters, trainable, load_device))
     if not shares_base(config, run_dir):
-        selector = make_selector(config, *load_model(config, "selector", run_dir, adapters, trainable))
-        return selector, make_generator(config, *load_model(config, "generator", run_dir, adapters, trainable))
-    model, tokenizer = _load_base(config, "selector", run_dir)
+        selector = make_selector(config, *load_model(config, "selector", run_dir, adapters, trainable, load_device))
+        return selector, make_generator(config, *load_model(config, "generator", run_dir, adapters, trainable, load_device))
+    model, tokenizer = _load_base(config, "selector", run_dir, load_device)
     for role in ROLES:
         model = _with_adapter(config, role, model, adapters, trainable)
     _set_checkpointing(config, model, list(ROLES))

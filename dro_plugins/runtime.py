@@ -241,6 +241,13 @@ class Runtime:
         """True when the weights are sharded (FSDP2): every process must run every forward, in the same order."""
         return self.fsdp is not None
 
+    @property
+    def load_device(self) -> str | None:
+        """Where base weights are read before :meth:`prepare`: the CPU in lockstep, since FSDP2 then moves each
+        process's shard to its GPU (a base that does not fit one GPU never lands on one whole); None otherwise (the
+        config's device)."""
+        return "cpu" if self.lockstep else None
+
     def device_name(self, configured: str) -> str:
         """The config's ``device`` for this process: under a launcher with GPUs, this process's own GPU."""
         if self.accelerator is None or configured == "cpu" or self.accelerator.device.type != "cuda":
