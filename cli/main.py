@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 import tempfile
 import time
 import traceback
@@ -290,17 +289,16 @@ def _use_pipeline_prompts(pipeline, generator) -> None:
     generator.encode = pipeline.prompt_encoder(generator.tokenizer)
 
 
-def _check_resume(config: RunConfig, restart: bool) -> None:
+def _check_resume(config: RunConfig, config_path: Path, restart: bool) -> None:
     from dro_plugins.run import RunPaths
+    from dro_plugins.run_folder import claim, config_inputs
 
     paths = RunPaths(config.output_dir)
-    if paths.root.exists() and not paths.root.is_dir():
-        raise DROError(f"output_dir {paths.root} is a file, not a folder; set output_dir to a new folder")
-    if restart:
-        shutil.rmtree(paths.root, ignore_errors=True)
+    inputs = config_inputs(config, config_path)
+    if restart or not paths.config.is_file():
+        claim(paths.root, inputs, restart=True)  # only what a run wrote is deleted; a user's files are refused or kept
         return
-    if not paths.config.is_file():
-        return
+    claim(paths.root, inputs, restart=False)  # refused before the saved config is read: it may be the user's own
     saved = load_config(paths.config).model_dump(mode="json")
     wanted = config.model_dump(mode="json")
     changed = [f"{s}.{k}" for s in wanted if isinstance(wanted[s], dict) for k in wanted[s] if wanted[s][k] != saved.get(s, {}).get(k)]
@@ -321,7 +319,7 @@ def _check_resume(config: RunConfig, restart: bool) -> None:
 def optimize(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Run config YAML (see examples/nq/config.yaml).")],
     overrides: SetOption = None,
-    restart: Annotated[bool, typer.Option("--restart", help="Delete output_dir and start over instead of resuming.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Delete what an earlier run wrote in output_dir and start over instead of resuming (other files are kept).")] = False,
 ):
     """Train the selector and generator with DRO and write a run folder.
 
@@ -342,7 +340,7 @@ def optimize(
         train, validation = load_run_data(config)
         pipeline = _open_pipeline(config) if config.pipeline is not None else None
         if runtime.is_main:
-            _check_resume(config, restart)
+            _check_resume(config, config_path, restart)
         runtime.wait()
         with _progress() as progress:
             track = _tracker(progress) if runtime.is_main else no_progress

@@ -118,6 +118,14 @@ CASES = [
     config_case("cuda without gpu", "device", "cuda", ["no CUDA GPU"], "optimize"),
     # ---- run folders
     ("output_dir is a file", {"output_file": True}, "optimize", 2, ["is a file, not a folder"]),
+    ("output_dir is the current folder", {"output": "cwd"}, "optimize", 2, ["is or holds the current folder"]),
+    ("output_dir is the current folder, --restart", {"output": "cwd", "argv": ["--restart"]}, "optimize", 2, ["is or holds the current folder"]),
+    ("output_dir is the data folder, --restart", {"output": "data", "argv": ["--restart"]}, "optimize", 2, ["train.jsonl", "folder of its own"]),
+    ("output_dir is the config's folder", {"output": "config"}, "optimize", 2, ["config.yaml", "folder of its own"]),
+    ("output_dir holds an input's folder", {"output": "ancestor", "argv": ["--restart"]}, "optimize", 2, ["is or holds the folder of"]),
+    ("output_dir holds a user's files", {"output": "foreign"}, "optimize", 2, ["no dro run wrote", "notes.txt"]),
+    ("output_dir holds a user's files, --restart", {"output": "foreign", "argv": ["--restart"]}, "optimize", 2, ["no dro run wrote"]),
+    ("output_dir below a file", {"output": "below-file"}, "optimize", 2, ["which is a file, not a folder"]),
     ("changed config on resume", {"finished_run": "changed"}, "optimize", 2, ["different config", "--restart"]),
     ("checkpoint damaged", {"finished_run": "damage-checkpoint"}, "optimize", 2, ["damaged", "--restart"]),
     ("checkpoint incomplete", {"finished_run": "incomplete-checkpoint"}, "optimize", 2, ["incomplete checkpoint", "--restart"]),
@@ -182,6 +190,26 @@ def _prepare(case: dict, root: Path, finished: Path, tiny_model_dir: Path) -> li
             weights = folder / "model.safetensors"
             weights.write_bytes(weights.read_bytes()[:100])
         tree["selector"]["model"] = str(folder)
+    if "output" in case:
+        kind = case["output"]
+        tree["output_dir"] = {"cwd": "", "data": str(root / "inputs"), "config": str(root / "conf"), "ancestor": str(root / "inputs"),
+                              "foreign": str(root / "notes"), "below-file": str(root / "afile" / "out")}[kind]
+        if kind in ("data", "ancestor"):
+            data = root / "inputs" / ("data" if kind == "ancestor" else "")
+            data.mkdir(parents=True)
+            for name in ("train.jsonl", "validation.jsonl"):
+                (root / name).rename(data / name)
+                tree["data"][name.split(".")[0]] = str(data / name)
+        if kind == "config":
+            (root / "conf").mkdir()
+            config = root / "conf" / "config.yaml"
+            argv = [str(config)]
+            tree["data"] |= {"train": str(root / "train.jsonl"), "validation": str(root / "validation.jsonl")}
+        if kind == "foreign":
+            (root / "notes").mkdir()
+            (root / "notes" / "notes.txt").write_text("mine")
+        if kind == "below-file":
+            (root / "afile").write_text("a file")
     if "output_file" in case:
         (root / "run").write_text("not a folder")
     if "pipeline_file" in case:
@@ -231,7 +259,8 @@ def _prepare(case: dict, root: Path, finished: Path, tiny_model_dir: Path) -> li
 
 
 @pytest.mark.parametrize("name, case, command, code, words", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gets_one_line(name, case, command, code, words, tmp_path, finished_run, tiny_model_dir):
+def test_bad_input_gets_one_line(name, case, command, code, words, tmp_path, finished_run, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the current folder holds the user's config and data, as when a user runs dro there
     argv = _prepare(case, tmp_path, finished_run, tiny_model_dir)
     before = _hashes(tmp_path)
     result = CliRunner().invoke(app, [command, *argv])
