@@ -47,15 +47,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from dro_plugins.batching import Shape  # noqa: E402
+from dro_plugins.modeling.batching import Shape  # noqa: E402
 from dro_plugins.config import RunConfig  # noqa: E402
-from dro_plugins.data import Example, load_examples  # noqa: E402
-from dro_plugins.evaluation import batches, evaluate  # noqa: E402
-from dro_plugins.plots import pyplot, save_figure  # noqa: E402
-from dro_plugins.run import build_models, load_model, load_retriever_selector, make_generator  # noqa: E402
-from dro_plugins.synthetic import make_dataset, make_entity_dataset  # noqa: E402
-from dro_plugins.supervision import positive_candidates, supervised_permutation  # noqa: E402
-from dro_plugins.trainer import DROTrainer  # noqa: E402
+from dro_plugins.data.examples import Example, load_examples  # noqa: E402
+from dro_plugins.evaluation.predictions import batches, evaluate  # noqa: E402
+from dro_plugins.reporting.plots import pyplot, save_figure  # noqa: E402
+from dro_plugins.build import build_models, load_model, load_retriever_selector, make_generator  # noqa: E402
+from dro_plugins.data.synthetic import make_dataset, make_entity_dataset  # noqa: E402
+from dro_plugins.data.supervision import positive_candidates, supervised_permutation  # noqa: E402
+from dro_plugins.training.trainer import DROTrainer  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 METHODS = ("dro", "no_selector_training", "no_generator_training", "unweighted", "sft_first_k")

@@ -10,7 +10,7 @@ Paths compared per question (NQ-like: 20 candidates x 100 words ≈ 3,000 prompt
 - selector, ``separate``: the m sequences ``[prompt][z_i]`` scored as m rows (the plain Hugging Face way);
 - selector, ``repeated cache``: the prompt run once with a KV cache, the cache repeated m times, then the m
   continuations (the path of main at 73436fe);
-- selector, ``packed``: ``[prompt][z_1]...[z_m]`` in one row with a 4-D mask (:mod:`dro_plugins.packing`);
+- selector, ``packed``: ``[prompt][z_1]...[z_m]`` in one row with a 4-D mask (:mod:`dro_plugins.modeling.packing`);
 - generator: m sequences of ~800 tokens, without and with gradient checkpointing.
 
 With gradient checkpointing on, autograd keeps only each block's input; the backward pass then recomputes one
@@ -38,8 +38,8 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dro_plugins.config import LoraConfig  # noqa: E402
-from dro_plugins.models import add_lora, enable_gradient_checkpointing, is_checkpointing  # noqa: E402
-from dro_plugins.packing import additive_mask, pack_shared_prefix  # noqa: E402
+from dro_plugins.modeling.loading import add_lora, enable_gradient_checkpointing, is_checkpointing  # noqa: E402
+from dro_plugins.modeling.packing import additive_mask, pack_shared_prefix  # noqa: E402
 
 SHAPES = {
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, layers=32),

@@ -6,7 +6,7 @@ its WordPiece vocabulary; CPU, seconds), ``qwen2.5-0.5b`` and ``qwen2.5-1.5b`` (
 generator's LoRA adapters (rank 8, all linear layers), as in a run whose two models name the same base. The
 questions are NQ training questions of ``../shared/data/nq`` with 20 candidates of about 100 words each.
 
-Phases, ours (the code a run executes: :class:`dro_plugins.trainer.DROTrainer`'s own E-step, M-step and validation
+Phases, ours (the code a run executes: :class:`dro_plugins.training.trainer.DROTrainer`'s own E-step, M-step and validation
 calls, micro-batched by ``dro.max_tokens_per_microbatch``) against plain Hugging Face:
 
 - ``sampling``: m permutations per question. Plain: ``generate(do_sample=True, num_return_sequences=m)`` with a
@@ -52,14 +52,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Logit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dro_plugins.config import LoraConfig, RunConfig, TinyModelConfig  # noqa: E402
-from dro_plugins.data import Example, load_examples  # noqa: E402
-from dro_plugins.lm import left_pad  # noqa: E402
-from dro_plugins.models import add_lora, build_tiny_model, enable_gradient_checkpointing, tiny_tokenizer, with_pad_token  # noqa: E402
-from dro_plugins.permutation import DecodingState  # noqa: E402
-from dro_plugins.run import make_generator, make_selector  # noqa: E402
+from dro_plugins.data.examples import Example, load_examples  # noqa: E402
+from dro_plugins.modeling.causal_lm import left_pad  # noqa: E402
+from dro_plugins.modeling.loading import add_lora, build_tiny_model, enable_gradient_checkpointing, tiny_tokenizer, with_pad_token  # noqa: E402
+from dro_plugins.modeling.permutation import DecodingState  # noqa: E402
+from dro_plugins.build import make_generator, make_selector  # noqa: E402
 from dro_plugins.selectors.base import question_seed  # noqa: E402
-from dro_plugins.trainer import DROTrainer  # noqa: E402
-from dro_plugins.units import AdapterUnit  # noqa: E402
+from dro_plugins.training.trainer import DROTrainer  # noqa: E402
+from dro_plugins.modeling.units import AdapterUnit  # noqa: E402
+from dro_plugins.training import estep  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -69,7 +70,7 @@ SHAPES = {  # real configurations (config.json of each model on the hub); random
     "qwen2.5-1.5b": ("qwen3", Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768)),
     "llama-3-8b": ("llama3", LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=5e5, max_position_embeddings=8192)),
 }
-PHASES = ("sampling", "scoring", "selector_m_step", "generator_m_step", "validation")
+WORKLOADS = ("sampling", "scoring", "selector_m_step", "generator_m_step", "validation")
 GIB = 2**30
 
 
@@ -326,8 +327,8 @@ def phase_calls(trainer: DROTrainer, batch, permutations, weights, seed: int) ->
             plain_sequence_log_likelihood(generator.model, *generator_sequences, pad, device)
 
     return {
-        "sampling": {"ours": lambda: trainer._draw(batch, seed), "plain": lambda: plain_generate_permutations(selector, batch, permutations.shape[1], True)},
-        "scoring": {"ours": lambda: trainer._score(batch, permutations), "plain": plain_scoring},
+        "sampling": {"ours": lambda: estep.draw(trainer.session, batch, seed), "plain": lambda: plain_generate_permutations(selector, batch, permutations.shape[1], True)},
+        "scoring": {"ours": lambda: estep.score(trainer.session, batch, permutations), "plain": plain_scoring},
         "selector_m_step": {
             "ours": lambda: trainer.step("selector", batch, permutations, weights, optimizers["selector"]),
             "plain": lambda: plain_m_step(selector.unit, selector.model, *selector_sequences, weights, pad, device),
@@ -336,7 +337,7 @@ def phase_calls(trainer: DROTrainer, batch, permutations, weights, seed: int) ->
             "ours": lambda: trainer.step("generator", batch, permutations, weights, optimizers["generator"]),
             "plain": lambda: plain_m_step(generator.unit, generator.model, *generator_sequences, weights, pad, device),
         },
-        "validation": {"ours": trainer._validate, "plain": plain_validation},
+        "validation": {"ours": trainer.validate, "plain": plain_validation},
     }
 
 
@@ -389,7 +390,7 @@ def benchmark(args) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = DROTrainer(config, selector, generator, examples, examples, Path(run_dir))
         seed = question_seed(0, "speed")
-        permutations, _ = trainer._draw(examples, seed)  # also a warm-up of every kernel the sampling path uses
+        permutations, _ = estep.draw(trainer.session, examples, seed)  # also a warm-up of every kernel the sampling path uses
         weights = torch.full(permutations.shape[:2], 1.0 / permutations.shape[1])
         calls = phase_calls(trainer, examples, permutations, weights, seed)
         work = ideal_segments(selector, generator, examples, permutations)
@@ -398,7 +399,7 @@ def benchmark(args) -> dict:
         peak, peak_dtype = measured_peak_flops(device)
         count = args.count_flops if args.count_flops is not None else device.type == "cpu"
         rows = []
-        for phase in PHASES:
+        for phase in WORKLOADS:
             for path in ("ours", "plain"):
                 if device.type == "cuda":  # first call compiles kernels and grows the allocator
                     calls[phase][path]()

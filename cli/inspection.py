@@ -9,12 +9,13 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from dro_plugins.attribution import failure_class
+from dro_plugins.evaluation.attribution import failure_class
 from dro_plugins.config import RunConfig
-from dro_plugins.data import Example, Passage, load_run_data
+from dro_plugins.data.examples import Example, Passage, load_run_data
 from dro_plugins.errors import DROError
-from dro_plugins.metrics import passage_has_answer
-from dro_plugins.run import RunPaths
+from dro_plugins.data.labels import passage_has_answer
+from dro_plugins.training.run_folder import RunPaths
+from dro_plugins.training.estep import read_lines
 
 
 def find_question(config: RunConfig, question_id: str) -> tuple[Example, str]:
@@ -35,7 +36,8 @@ def find_question(config: RunConfig, question_id: str) -> tuple[Example, str]:
 
 
 def sampled_iterations(run_dir: Path) -> list[int]:
-    return sorted(int(p.stem.split("_")[1]) for p in RunPaths(run_dir).samples.glob("iteration_*.jsonl"))
+    stems = (p.stem.removeprefix("iteration_") for p in RunPaths(run_dir).samples.glob("iteration_*.jsonl"))
+    return sorted(int(stem) for stem in stems if stem.isdigit())  # a stray file there is no iteration
 
 
 def pick_iteration(run_dir: Path, iteration: int | None) -> int | None:
@@ -57,12 +59,7 @@ def pick_iteration(run_dir: Path, iteration: int | None) -> int | None:
 
 def samples_of(run_dir: Path, iteration: int, question_id: str) -> dict | None:
     """The question's line of an iteration's samples file (permutations, log-probs, log-likelihoods, weights)."""
-    path = RunPaths(run_dir).samples / f"iteration_{iteration:03d}.jsonl"
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if record["id"] == question_id:
-            return record
-    return None
+    return next((line for line in read_lines(RunPaths(run_dir).samples_file(iteration)) if line["id"] == question_id), None)
 
 
 def label(permutation: list[int]) -> str:

@@ -21,13 +21,13 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from dro_plugins.attribution import CLASSES
-from dro_plugins.config import RunConfig, load_config, local_model_path
-from dro_plugins.data import load_examples, load_run_data
+from dro_plugins.evaluation.attribution import CLASSES
+from dro_plugins.config import RunConfig, load_config
+from dro_plugins.data.examples import load_run_data
 from dro_plugins.errors import DROError
-from dro_plugins.files import atomic_write_text
-from dro_plugins.progress import no_progress
-from dro_plugins.throughput import PHASES
+from dro_plugins.reporting.progress import no_progress
+from dro_plugins.reporting.throughput import WORKLOADS
+from dro_plugins.training.run_folder import RunPaths
 
 app = typer.Typer(
     help="Fine-tune a RAG pipeline's selector and generator end to end with DRO (arXiv 2505.03075).",
@@ -82,7 +82,7 @@ def _reported(log_folder: Path | None = None):
         if DEBUG["on"]:
             raise
         folder = log_folder if log_folder is not None and log_folder.is_dir() else Path(tempfile.gettempdir())
-        log = folder / "dro-error.log"
+        log = RunPaths(folder).error_log
         log.write_text(traceback.format_exc())
         message = " ".join(str(exc).split())[:200]
         _fail(f"internal error ({type(exc).__name__}: {message}); the traceback is in {log}; please report it", code=1)
@@ -184,7 +184,7 @@ def _throughput_table(history: list[dict]) -> Table | None:
     table = Table(title="throughput per phase, all DRO iterations")
     for column in ("phase", "seconds", "questions/s", "tokens/s", "peak GPU GiB"):
         table.add_column(column, justify="right")
-    for phase, total in sorted(totals.items(), key=lambda item: PHASES.index(item[0])):
+    for phase, total in sorted(totals.items(), key=lambda item: WORKLOADS.index(item[0])):
         rate = 1 / total["seconds"] if total["seconds"] > 0 else 0.0
         table.add_row(
             phase.replace("_", "-"), f"{total['seconds']:.1f}", f"{total['questions'] * rate:.2f}",
@@ -194,7 +194,7 @@ def _throughput_table(history: list[dict]) -> Table | None:
 
 
 def _attribution_table(history: list[dict]) -> Table:
-    """Share of validation questions per failure class (dro_plugins.attribution), iteration 0 against the last."""
+    """Share of validation questions per failure class (dro_plugins.evaluation.attribution), iteration 0 against the last."""
     lines = [line for line in history if line["stage"] == "dro" and "attribution" in line]
     first, last = lines[0], lines[-1]
     table = Table(title="where validation answers fail (share of questions)")
@@ -207,7 +207,7 @@ def _attribution_table(history: list[dict]) -> Table:
 
 
 def _draw_plots(run_dir: Path) -> None:
-    from dro_plugins.plots import draw
+    from dro_plugins.reporting.plots import draw
 
     try:
         written = draw(run_dir)
@@ -229,92 +229,6 @@ def _summary_table(report: dict, top_k: int) -> Table:
     return table
 
 
-def _open_pipeline(config: RunConfig, index_documents: bool = True):
-    """The framework adapter for ``config.pipeline``, with the generator model taken from the pipeline.
-
-    ``index_documents=False`` (validation) checks ``documents`` without writing it into the pipeline's store.
-
-    Raises:
-        DROError: the framework is not installed, the pipeline is unusable, or ``generator.model`` names a
-            different model than the pipeline's generator.
-    """
-    settings = config.pipeline
-    if settings.haystack is not None:
-        try:
-            from haystack_integrations.components.rankers.dro.pipeline import HaystackPipeline
-        except ImportError as exc:
-            raise DROError(f"pipeline.haystack needs Haystack ({exc.name} is missing): pip install 'dro-plugins[haystack]'") from exc
-        pipeline = HaystackPipeline(config, index_documents)
-    else:
-        try:
-            from llama_index.postprocessor.dro.engine import LlamaIndexPipeline
-        except ImportError as exc:
-            raise DROError(
-                f"pipeline.llama_index needs LlamaIndex ({exc.name} is missing): pip install 'dro-plugins[llama-index]'"
-            ) from exc
-        pipeline = LlamaIndexPipeline(config)
-    model = local_model_path(pipeline.generator_model, Path.cwd())
-    if config.generator.model not in (None, model):
-        raise DROError(
-            f"generator.model is '{config.generator.model}' but the pipeline's generator uses '{model}'; "
-            "remove generator.model (the pipeline names it)"
-        )
-    config.generator.model = model
-    if config.selector.kind == "retriever":  # the query tower is the pipeline's query embedding model
-        encoder = local_model_path(pipeline.query_encoder_model, Path.cwd())
-        if "model" in config.selector.model_fields_set and config.selector.model != encoder:
-            raise DROError(
-                f"selector.model is '{config.selector.model}' but the pipeline embeds queries with '{encoder}'; "
-                "remove selector.model (the pipeline names it)"
-            )
-        config.selector.model = encoder
-        config.selector.query_prefix, config.selector.query_suffix = pipeline.query_affixes
-    return pipeline
-
-
-def _dense_index(config: RunConfig, pipeline):
-    """The pipeline's store as the index a retriever selector re-retrieves from; None for an LM selector."""
-    return pipeline if pipeline is not None and config.selector.kind == "retriever" else None
-
-
-def _retrieve(config: RunConfig, pipeline, examples, track):
-    from dro_plugins.pipeline import attach_candidates
-
-    return attach_candidates(examples, pipeline, config.data.num_candidates, config.selector.top_k, track)
-
-
-def _use_pipeline_prompts(pipeline, generator) -> None:
-    """Train and score the generator on the pipeline's own prompt text and token ids."""
-    generator.prompt = pipeline.prompt_renderer(generator.tokenizer)
-    generator.encode = pipeline.prompt_encoder(generator.tokenizer)
-
-
-def _check_resume(config: RunConfig, config_path: Path, restart: bool) -> None:
-    from dro_plugins.run import RunPaths
-    from dro_plugins.run_folder import claim, config_inputs
-
-    paths = RunPaths(config.output_dir)
-    inputs = config_inputs(config, config_path)
-    if restart or not paths.config.is_file():
-        claim(paths.root, inputs, restart=True)  # only what a run wrote is deleted; a user's files are refused or kept
-        return
-    claim(paths.root, inputs, restart=False)  # refused before the saved config is read: it may be the user's own
-    saved = load_config(paths.config).model_dump(mode="json")
-    wanted = config.model_dump(mode="json")
-    changed = [f"{s}.{k}" for s in wanted if isinstance(wanted[s], dict) for k in wanted[s] if wanted[s][k] != saved.get(s, {}).get(k)]
-    changed += [s for s in wanted if not isinstance(wanted[s], dict) and wanted[s] != saved.get(s)]
-    changed = [c for c in changed if c != "dro.iterations"]  # more iterations on resume is fine
-    if changed:
-        raise DROError(
-            f"output_dir {paths.root} holds a run with a different config ({', '.join(changed)}); "
-            "pass --restart to start over there, or set output_dir to a new folder"
-        )
-    if any((paths.root / name).is_dir() for name in ("checkpoint", "checkpoint.old")):
-        console.print(f"resuming the run in {paths.root}")
-    else:
-        console.print(f"starting over in {paths.root}: the run there stopped before its first checkpoint")
-
-
 @app.command()
 def optimize(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Run config YAML (see examples/nq/config.yaml).")],
@@ -327,39 +241,21 @@ def optimize(
     current batch and saves; a second Ctrl-C aborts at once. `dro config` lists every config key with its default.
     """
     _quiet_libraries()
-    from dro_plugins.run import build_models
-    from dro_plugins.runtime import Runtime
-    from dro_plugins.trainer import DROTrainer, Interrupted
+    from dro_plugins.api import optimize as run_optimize
+    from dro_plugins.distributed.runtime import Runtime
+    from dro_plugins.errors import Interrupted
 
     config = None
     try:
         config = load_config(config_path, overrides or [])
         runtime = Runtime.from_environment(config.device)
         console.quiet = not runtime.is_main  # one process speaks: logs, progress bars, tables
-        config.device = runtime.device_name(config.device)
-        train, validation = load_run_data(config)
-        pipeline = _open_pipeline(config) if config.pipeline is not None else None
-        if runtime.is_main:
-            _check_resume(config, config_path, restart)
-        runtime.wait()
         with _progress() as progress:
-            track = _tracker(progress) if runtime.is_main else no_progress
-            if pipeline is not None:
-                train, validation = (_retrieve(config, pipeline, part, track) for part in (train, validation))
-            console.print(f"{len(train)} training and {len(validation)} validation questions; loading models")
-            with runtime.main_first():  # a tiny base model is written into the run folder once
-                selector, generator = build_models(
-                    config, config.output_dir, index=_dense_index(config, pipeline), load_device=runtime.load_device
-                )
-            if pipeline is not None:
-                _use_pipeline_prompts(pipeline, generator)
-            trainer = DROTrainer(
-                config, selector, generator, train, validation, config.output_dir,
-                track=track, log=lambda line: progress.console.print(line, highlight=False), runtime=runtime,
+            report = run_optimize(
+                config, config_path=config_path, restart=restart, runtime=runtime,
+                log=lambda line: progress.console.print(line, highlight=False),
+                progress=_tracker(progress) if runtime.is_main else no_progress,
             )
-            report = trainer.fit()
-        if pipeline is not None and runtime.is_main:
-            console.print(f"{pipeline.exported}: {pipeline.export(config.output_dir)}")
     except Interrupted as exc:
         console.print(f"[yellow]{exc}[/]\nresume with: dro optimize {config_path}")
         raise typer.Exit(130)
@@ -395,7 +291,11 @@ def validate(
         components = []
         if config.pipeline is not None:
             _quiet_libraries()
-            components = _open_pipeline(config, index_documents=False).components()
+            from dro_plugins.pipeline import open_pipeline, resolved_config
+
+            pipeline = open_pipeline(config, index_documents=False)
+            resolved_config(config, pipeline)  # refuses a generator.model other than the pipeline's
+            components = pipeline.components()
     except Exception:  # noqa: BLE001 - reported as one line by _reported
         with _reported():
             raise
@@ -413,38 +313,30 @@ def evaluate(
 ):
     """Score a trained run's best selector and generator on another question file (EM, F1, recall@k)."""
     _quiet_libraries()
-    from dro_plugins.evaluation import evaluate as score
-    from dro_plugins.run import load_trained, saved_config
+    from dro_plugins.api import evaluate as run_evaluate
+    from dro_plugins.build import saved_config
 
     try:
         config = saved_config(run_dir, device)
-        pipeline = _open_pipeline(config) if config.pipeline is not None else None
-        _, selector, generator = load_trained(run_dir, device, index=_dense_index(config, pipeline))
-        examples = load_examples(data, config.data.num_candidates, config.selector.top_k, max_examples, pipeline is None)
         with _progress() as progress:
-            if pipeline is not None:
-                examples = _retrieve(config, pipeline, examples, _tracker(progress))
-                _use_pipeline_prompts(pipeline, generator)
-            result = score(selector, generator, examples, config.eval_batch_size, _tracker(progress))
-        out = Path(run_dir) / f"evaluation_{Path(data).stem}.json"
-        atomic_write_text(out, json.dumps({"data": str(data), **result}, indent=1))
+            result = run_evaluate(run_dir, data, max_examples=max_examples, device=device, progress=_tracker(progress))
     except Exception:  # noqa: BLE001 - reported as one line by _reported
         with _reported(Path(run_dir)):
             raise
-    table = Table(title=f"{data} ({len(examples)} questions)")
+    table = Table(title=f"{data} ({result['questions']} questions)")
     for column in ("EM", "F1", f"recall@{config.selector.top_k}", *(c.replace("_", " ") for c in CLASSES[1:])):
         table.add_column(column, justify="right")
     shares = [f"{result['attribution'][c]:.3f}" for c in CLASSES[1:]]
     table.add_row(f"{result['em']:.3f}", f"{result['f1']:.3f}", f"{result['recall']:.3f}", *shares)
     console.print(table)
-    console.print(f"predictions: {out}")
+    console.print(f"predictions: {result['path']}")
 
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder written by dro optimize.")]):
     """Re-draw a run's plots/ from its metrics.jsonl and print the best iteration against iteration 0."""
-    from dro_plugins.plots import read_metrics
-    from dro_plugins.run import RunPaths, saved_config
+    from dro_plugins.reporting.plots import read_metrics
+    from dro_plugins.build import saved_config
 
     try:
         config = saved_config(run_dir)
@@ -476,19 +368,21 @@ def inspect(
     iteration with their importance weights and generator log-likelihoods, the best iteration's greedy selection,
     and the generator's answer."""
     _quiet_libraries()
+    from dro_plugins.build import load_trained, saved_config
     from dro_plugins.cli.inspection import find_question, pick_iteration, samples_of, view
-    from dro_plugins.run import load_trained, saved_config
+    from dro_plugins.pipeline import attach_candidates, dense_index, open_pipeline, resolved_config, use_pipeline_prompts
 
     try:
         run_dir = Path(run_dir)
         example, split = find_question(saved_config(run_dir), question)  # before loading models: fail fast
         shown = pick_iteration(run_dir, iteration)
         config = saved_config(run_dir, device)
-        pipeline = _open_pipeline(config) if config.pipeline is not None else None
-        _, selector, generator = load_trained(run_dir, device, index=_dense_index(config, pipeline))
+        pipeline = open_pipeline(config) if config.pipeline is not None else None
+        config = resolved_config(config, pipeline)
+        _, selector, generator = load_trained(run_dir, device, index=dense_index(config, pipeline))
         if pipeline is not None:
-            example = _retrieve(config, pipeline, [example], no_progress)[0]
-            _use_pipeline_prompts(pipeline, generator)
+            example = attach_candidates([example], pipeline, config.data.num_candidates, config.selector.top_k)[0]
+            use_pipeline_prompts(pipeline, generator)
         example = selector.candidates([example])[0]  # a trained retriever's own pool
         samples = samples_of(run_dir, shown, question) if shown is not None and split == "train" else None
         selected = selector.select([example])[0]
@@ -549,7 +443,7 @@ def tiny_model(
     The folder loads like any Hugging Face model path (AutoModelForCausalLM / AutoTokenizer), so a pipeline can point its generator at it in tests and examples where no model can be downloaded.
     """
     _quiet_libraries()
-    from dro_plugins.models import write_tiny_model
+    from dro_plugins.modeling.loading import write_tiny_model
 
     if folder.exists() and any(folder.iterdir()):
         _fail(f"{folder}: folder is not empty; pass a new folder")

@@ -30,3 +30,7 @@ class TrainingError(DROError):
 
 class PipelineError(DROError):
     """A framework pipeline cannot be trained: it does not load, or a retriever, prompt or generator is missing."""
+
+
+class Interrupted(DROError):
+    """Training stopped on request (Ctrl-C), after saving a checkpoint where one was due; running again resumes."""

@@ -1,8 +1,8 @@
-"""An existing RAG pipeline as the thing DRO trains: the interface a framework adapter implements.
+"""An existing RAG pipeline as the thing DRO trains: the interface a framework adapter implements, and opening one.
 
-DESIGN.md §4: an adapter turns a pipeline into a candidates source (its retriever), a prompt template (so the
-generator is trained on the text it will read when serving) and a generator model; after training it turns the
-run back into pipeline components. The core never imports an adapter; the CLI picks one from the run config.
+An adapter turns a pipeline into a candidates source (its retriever), a prompt template (so the generator is trained
+on the text it will read when serving) and a generator model; after training it turns the run back into pipeline
+components. The core never imports an adapter at module level; :func:`open_pipeline` picks one from the run config.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
-from dro_plugins.data import Example, Passage
-from dro_plugins.errors import DataError
-from dro_plugins.generator import PromptEncoder, PromptRenderer
-from dro_plugins.metrics import passage_has_answer
-from dro_plugins.progress import Track, no_progress
+from dro_plugins.config import RunConfig, local_model_path
+from dro_plugins.data.examples import Example, Passage
+from dro_plugins.errors import DataError, DROError
+from dro_plugins.modeling.generator import PromptEncoder, PromptRenderer
+from dro_plugins.data.labels import passage_has_answer
+from dro_plugins.reporting.progress import Track, no_progress
 
 
 class TrainablePipeline(Protocol):
@@ -83,3 +84,65 @@ def attach_candidates(
         labelled = tuple(replace(p, has_answer=passage_has_answer(p, example.answers)) for p in passages)
         attached.append(replace(example, candidates=labelled))
     return attached
+
+
+def open_pipeline(config: RunConfig, index_documents: bool = True) -> TrainablePipeline:
+    """The framework adapter for ``config.pipeline``.
+
+    ``index_documents=False`` (validation) checks ``documents`` without writing it into the pipeline's store.
+
+    Raises:
+        DROError: the framework is not installed or the pipeline is unusable.
+    """
+    if config.pipeline.haystack is not None:
+        try:
+            from haystack_integrations.components.rankers.dro.pipeline import HaystackPipeline
+        except ImportError as exc:
+            raise DROError(f"pipeline.haystack needs Haystack ({exc.name} is missing): pip install 'dro-plugins[haystack]'") from exc
+        return HaystackPipeline(config, index_documents)
+    try:
+        from llama_index.postprocessor.dro.engine import LlamaIndexPipeline
+    except ImportError as exc:
+        raise DROError(f"pipeline.llama_index needs LlamaIndex ({exc.name} is missing): pip install 'dro-plugins[llama-index]'") from exc
+    return LlamaIndexPipeline(config)
+
+
+def resolved_config(config: RunConfig, pipeline: TrainablePipeline | None) -> RunConfig:
+    """The run config with what the pipeline names filled in (a copy; ``config`` is unchanged): its generator's
+    model as ``generator.model``; for a retriever selector, its query embedder as ``selector.model`` and its query
+    prefix and suffix.
+
+    Raises:
+        DROError: the config names a different generator or query model than the pipeline.
+    """
+    if pipeline is None:
+        return config
+    resolved = config.model_copy(deep=True)
+    model = local_model_path(pipeline.generator_model, Path.cwd())
+    if config.generator.model not in (None, model):
+        raise DROError(
+            f"generator.model is '{config.generator.model}' but the pipeline's generator uses '{model}'; "
+            "remove generator.model (the pipeline names it)"
+        )
+    resolved.generator.model = model
+    if config.selector.kind == "retriever":  # the query tower is the pipeline's query embedding model
+        encoder = local_model_path(pipeline.query_encoder_model, Path.cwd())
+        if "model" in config.selector.model_fields_set and config.selector.model != encoder:
+            raise DROError(
+                f"selector.model is '{config.selector.model}' but the pipeline embeds queries with '{encoder}'; "
+                "remove selector.model (the pipeline names it)"
+            )
+        resolved.selector.model = encoder
+        resolved.selector.query_prefix, resolved.selector.query_suffix = pipeline.query_affixes
+    return resolved
+
+
+def dense_index(config: RunConfig, pipeline: TrainablePipeline | None):
+    """The pipeline's store as the index a retriever selector re-retrieves from; None for an LM selector."""
+    return pipeline if pipeline is not None and config.selector.kind == "retriever" else None
+
+
+def use_pipeline_prompts(pipeline: TrainablePipeline, generator) -> None:
+    """Train and score the generator on the pipeline's own prompt text and token ids."""
+    generator.prompt = pipeline.prompt_renderer(generator.tokenizer)
+    generator.encode = pipeline.prompt_encoder(generator.tokenizer)

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from dro_plugins.data import Example, Passage
-from dro_plugins.models import load_pretrained
-from dro_plugins.permutation import parse_permutation
-from dro_plugins.run import RunPaths, load_trained_selector
-from dro_plugins.runtime import resolve_device
+from dro_plugins.data.examples import Example, Passage
+from dro_plugins.modeling.loading import load_pretrained
+from dro_plugins.modeling.permutation import parse_permutation
+from dro_plugins.training.run_folder import RunPaths
+from dro_plugins.build import load_trained_selector
+from dro_plugins.distributed.device import resolve_device
 from dro_plugins.selectors.lm import LMSelector
 
 DEFAULT_PASSAGE_WORDS = 100
@@ -59,7 +60,7 @@ def select_or_fallback(
         passages: the candidates, in first-stage order.
         top_k: how many to select; capped at ``len(passages)``.
         constrained: decode with the permutation grammar (always valid); False writes free text and parses it
-            with :func:`dro_plugins.permutation.parse_permutation`.
+            with :func:`dro_plugins.modeling.permutation.parse_permutation`.
         max_new_tokens: longest free-text output, in tokens.
 
     Returns:

@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from dro_plugins.config import LoraConfig, RunConfig, TinyModelConfig
-from dro_plugins.data import load_run_data
-from dro_plugins.models import add_lora, build_tiny_model, tiny_tokenizer, write_tiny_model
-from dro_plugins.run import build_models
-from dro_plugins.trainer import DROTrainer
+from dro_plugins.data.examples import load_run_data
+from dro_plugins.modeling.loading import add_lora, build_tiny_model, tiny_tokenizer, write_tiny_model
+from dro_plugins.build import build_models
+from dro_plugins.training.trainer import DROTrainer
 
 TINY_LORA = {"rank": 8, "alpha": 16, "modules_to_save": ["embed_tokens", "lm_head"]}
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dro_plugins.attribution import CLASSES, failure_class, fractions, question_ids
-from dro_plugins.data import Example, Passage
+from dro_plugins.evaluation.attribution import CLASSES, failure_class, fractions, question_ids
+from dro_plugins.data.examples import Example, Passage
 
 
 def _passage(i, text, has_answer=None):

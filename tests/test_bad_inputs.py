@@ -15,8 +15,8 @@ import yaml
 from typer.testing import CliRunner
 
 from dro_plugins.cli.main import app
-from dro_plugins.data import write_examples
-from dro_plugins.synthetic import make_dataset
+from dro_plugins.data.examples import write_examples
+from dro_plugins.data.synthetic import make_dataset
 from tests.conftest import TINY_LORA
 
 GOOD_LINE = {"id": "q1", "question": "who?", "answers": ["ann"], "ctxs": [{"id": str(i), "title": "", "text": f"text {i}"} for i in range(4)]}

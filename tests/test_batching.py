@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dro_plugins.batching import Shape, oversized, padded_tokens, plan_microbatches, run_in_microbatches
-from dro_plugins.data import write_examples
-from dro_plugins.synthetic import make_dataset
+from dro_plugins.modeling.batching import Shape, oversized, padded_tokens, plan_microbatches, run_in_microbatches
+from dro_plugins.data.examples import write_examples
+from dro_plugins.data.synthetic import make_dataset
 from tests.conftest import make_trainer, tiny_run_config
 
 
@@ -58,12 +58,12 @@ def test_microbatched_gradients_equal_unsplit(trainer, role):
     unit = trainer.units[role]
     frozen = torch.optim.SGD(unit.parameters(), lr=0.0)  # step() leaves weights as they are; grads stay readable
 
-    shapes = trainer._shapes(role, batch, permutations)
+    shapes = trainer.session.shapes(role, batch, permutations)
     total = padded_tokens(shapes)
     grads, splits = {}, {}
     for budget in (None, total // 2 + max(s.length for s in shapes), 1):
         trainer.config.dro.max_tokens_per_microbatch = budget
-        splits[budget] = len(trainer._plan(role, batch, permutations))
+        splits[budget] = len(trainer.session.plan(role, batch, trainer.session.shapes(role, batch, permutations)))
         trainer.step(role, batch, permutations, weights, frozen)
         grads[budget] = [p.grad.clone() for p in unit.parameters() if p.grad is not None]
     assert sorted(splits.values()) == [1, 2, len(batch)], splits

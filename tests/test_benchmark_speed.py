@@ -36,12 +36,12 @@ def test_tiny_cpu_run_writes_every_phase_and_shares_the_prompt(tmp_path):
     result = json.loads(out.read_text())
     assert {"shape", "device", "date", "commit", "peak_flops", "rows", "e_step_questions_per_s"} <= set(result)
     rows = {(r["phase"], r["path"]): r for r in result["rows"]}
-    assert set(rows) == {(phase, path) for phase in speed.PHASES for path in ("ours", "plain")}
+    assert set(rows) == {(phase, path) for phase in speed.WORKLOADS for path in ("ours", "plain")}
     for row in rows.values():
         assert row["questions_per_s"] > 0 and row["model_flops_per_question"] > 0 and 0 < row["mfu"]
         assert row["peak_memory_gib"] is None  # CPU
     # the same work is rated the same; what differs is what each path executes for it
-    for phase in speed.PHASES:
+    for phase in speed.WORKLOADS:
         assert rows[phase, "ours"]["model_flops_per_question"] == rows[phase, "plain"]["model_flops_per_question"]
     for phase in ("sampling", "scoring", "generator_m_step"):
         assert rows[phase, "ours"]["flop_overhead"] < 1.2, phase

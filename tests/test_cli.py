@@ -6,7 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dro_plugins.cli.main import app
-from dro_plugins.trainer import DROTrainer
+from dro_plugins.training import mstep
+from dro_plugins.training.trainer import DROTrainer
 from tests.conftest import REPO, SHARED_DATA, tiny_run_config
 
 MUSIQUE = SHARED_DATA / "musique"
@@ -69,21 +70,21 @@ def test_interrupt_and_resume_give_the_same_result(write_config, tmp_path, monke
     assert CliRunner().invoke(app, ["optimize", str(straight)]).exit_code == 0
 
     resumed = musique_config(write_config, tmp_path, "resumed", iterations=2)
-    real_step = DROTrainer.step
+    real_step = mstep.optimizer_step
     calls = {"n": 0}
 
-    def step_then_interrupt(self, role, batch, permutations, weights, optimizer, state=None):
-        real_step(self, role, batch, permutations, weights, optimizer, state)
+    def step_then_interrupt(session, role, batch, permutations, weights, optimizer, state=None):
+        real_step(session, role, batch, permutations, weights, optimizer, state)
         if state is not None:  # an M-step update, not warm-up
             calls["n"] += 1
             if calls["n"] == 3:
-                self.stop_requested = True  # what the Ctrl-C handler does
+                session.stop_requested = True  # what the Ctrl-C handler does
 
-    monkeypatch.setattr(DROTrainer, "step", step_then_interrupt)
+    monkeypatch.setattr(mstep, "optimizer_step", step_then_interrupt)
     first = CliRunner().invoke(app, ["optimize", str(resumed)])
     assert first.exit_code == 130, first.output
     assert "checkpoint saved" in first.output
-    monkeypatch.setattr(DROTrainer, "step", real_step)
+    monkeypatch.setattr(mstep, "optimizer_step", real_step)
     second = CliRunner().invoke(app, ["optimize", str(resumed)])
     assert second.exit_code == 0, second.output
     assert "resuming" in second.output
@@ -119,12 +120,12 @@ def test_shared_base_with_microbatches_reaches_the_same_metrics(tmp_path, monkey
     """NQ example: one base with two adapters and a small token budget vs two copies of it, unsplit."""
     import shutil
 
-    import dro_plugins.trainer
-    from dro_plugins.models import write_tiny_model
+    import dro_plugins.training.session
+    from dro_plugins.modeling.loading import write_tiny_model
 
     splits = []
-    real_plan = dro_plugins.trainer.plan_microbatches
-    monkeypatch.setattr(dro_plugins.trainer, "plan_microbatches", lambda *a: splits.append(len(real_plan(*a))) or real_plan(*a))
+    real_plan = dro_plugins.training.session.plan_microbatches
+    monkeypatch.setattr(dro_plugins.training.session, "plan_microbatches", lambda *a: splits.append(len(real_plan(*a))) or real_plan(*a))
 
     base = write_tiny_model(tmp_path / "base", seed=3)
     copy = shutil.copytree(base, tmp_path / "base-copy")
@@ -186,7 +187,7 @@ def test_flat_f1_picks_the_best_answer_likelihood_and_says_it_stopped_early(writ
         return {"em": 0.0, "f1": 0.0, "recall": 0.5, "answer_log_likelihood": next(scripted), "predictions": [],
                 "attribution": {"correct": 0.0, "generation_miss": 1.0, "selection_miss": 0.0, "retrieval_miss": 0.0}}
 
-    monkeypatch.setattr(DROTrainer, "_validate", validate)
+    monkeypatch.setattr(DROTrainer, "validate", validate)
     result = CliRunner().invoke(app, ["optimize", str(config), "--set", "dro.patience=1"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "flat" / "report.json").read_text())

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from dro_plugins.synthetic import make_dataset
-from dro_plugins.data import write_examples
+from dro_plugins.data.synthetic import make_dataset
+from dro_plugins.data.examples import write_examples
 from tests.conftest import TINY_LORA
 
 pytestmark = pytest.mark.slow

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dro_plugins.data import write_examples
-from dro_plugins.batching import MAX_PADDING, Shape, plan_microbatches, run_in_microbatches
-from dro_plugins.runtime import Runtime, shard_range
-from dro_plugins.synthetic import make_dataset
-from dro_plugins.throughput import PhaseMeter, combine_meters
+from dro_plugins.data.examples import write_examples
+from dro_plugins.modeling.batching import MAX_PADDING, Shape, plan_microbatches, run_in_microbatches
+from dro_plugins.distributed.runtime import Runtime, shard_range
+from dro_plugins.data.synthetic import make_dataset
+from dro_plugins.reporting.throughput import WorkMeter, combine_meters
 from tests.conftest import tiny_run_config
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -51,9 +51,19 @@ def test_padded_microbatch_calls_repeat_the_last_and_keep_the_results():
         calls.append(list(micro))
         return [f"r{i}" for i in micro]
 
-    results = run_in_microbatches(shapes, 18, run, calls=lambda n: n + 2)
+    runtime = _lockstep_runtime(0, 2)
+    runtime.calls = lambda n: n + 2  # the busiest process needs two more (the all-reduce of Runtime.calls)
+    results = run_in_microbatches(shapes, 18, run, lockstep=runtime.lockstep_plan)
     assert results == ["r0", "r1", "r2", "r3"]
     assert len(calls) == len(plan_microbatches(shapes, 18, MAX_PADDING)) + 2 and calls[-1] == calls[-2] == calls[-3]
+
+
+def test_a_process_without_micro_batches_still_makes_one_padding_call():
+    runtime = _lockstep_runtime(1, 2)
+    runtime.calls = lambda n: max(n, 3)
+    assert runtime.lockstep_plan([], "filler") == [("filler", True)] * 3
+    assert runtime.lockstep_plan([[0], [1]], [1]) == [([0], False), ([1], False), ([1], True)]
+    assert Runtime().lockstep_plan([], None) == [(None, True)]  # one process: one zero-loss call joins nothing
 
 
 class _Blocks(torch.nn.Module):
@@ -88,11 +98,11 @@ def test_a_model_fsdp_cannot_shard_is_refused_in_one_line(model, message):
 
 def test_meters_of_processes_add_up():
     combined = combine_meters([
-        {"sampling": PhaseMeter(seconds=2.0, questions=5, tokens=100, peak_memory_gib=3.0)},
-        {"sampling": PhaseMeter(seconds=3.0, questions=4, tokens=80, peak_memory_gib=2.5)},
+        {"sampling": WorkMeter(seconds=2.0, questions=5, tokens=100, peak_memory_gib=3.0)},
+        {"sampling": WorkMeter(seconds=3.0, questions=4, tokens=80, peak_memory_gib=2.5)},
     ])
     # side by side: the phase lasted as long as the slower process, and did both processes' work
-    assert combined["sampling"] == PhaseMeter(seconds=3.0, questions=9, tokens=180, peak_memory_gib=3.0)
+    assert combined["sampling"] == WorkMeter(seconds=3.0, questions=9, tokens=180, peak_memory_gib=3.0)
     assert combined["sampling"].summary()["questions_per_s"] == 3.0
 
 
@@ -106,7 +116,7 @@ def test_meters_of_processes_add_up():
 def test_an_accelerate_config_dro_cannot_run_is_refused_in_one_line(monkeypatch, environment, message):
     """DeepSpeed and FSDP1 are refused before any process group starts, with the config line that fixes it."""
     from dro_plugins.errors import DROError
-    from dro_plugins.runtime import Runtime
+    from dro_plugins.distributed.runtime import Runtime
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     for variable, value in environment.items():
@@ -190,10 +200,11 @@ GRADIENTS = textwrap.dedent(
     """
     import sys, torch
     from dro_plugins.config import RunConfig, load_config
-    from dro_plugins.data import load_run_data
-    from dro_plugins.run import build_models
-    from dro_plugins.runtime import Runtime, gathered
-    from dro_plugins.trainer import DROTrainer
+    from dro_plugins.data.examples import load_run_data
+    from dro_plugins.build import build_models
+    from dro_plugins.distributed.runtime import Runtime
+    from dro_plugins.distributed.fsdp import gathered
+    from dro_plugins.training.trainer import DROTrainer
 
     config = load_config(sys.argv[1])
     runtime = Runtime.from_environment("cpu")

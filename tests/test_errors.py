@@ -5,9 +5,9 @@ import json
 import pytest
 
 from dro_plugins.config import load_config
-from dro_plugins.data import load_examples
+from dro_plugins.data.examples import load_examples
 from dro_plugins.errors import ConfigError, DataError, ModelLoadError
-from dro_plugins.models import load_pretrained
+from dro_plugins.modeling.loading import load_pretrained
 
 GOOD = {"id": "q1", "question": "who?", "answers": ["ann"], "ctxs": [{"id": str(i), "title": "", "text": f"text {i}"} for i in range(3)]}
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dro_plugins.config import RunConfig, load_config
-from dro_plugins.data import Passage, load_corpus, load_examples
+from dro_plugins.data.examples import Passage, load_corpus, load_examples
 from dro_plugins.errors import DROError
 from dro_plugins.serving import select_or_fallback
 

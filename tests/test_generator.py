@@ -2,8 +2,8 @@
 
 import torch
 
-from dro_plugins.generator import LMGenerator
-from dro_plugins.synthetic import make_dataset
+from dro_plugins.modeling.generator import LMGenerator
+from dro_plugins.data.synthetic import make_dataset
 
 
 def test_duplicate_permutations_give_the_values_of_separate_passes(tiny_lm, tokenizer):

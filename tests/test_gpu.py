@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from dro_plugins.config import RunConfig
-from dro_plugins.data import write_examples
-from dro_plugins.evaluation import evaluate
-from dro_plugins.models import is_checkpointing, write_tiny_model
-from dro_plugins.run import build_models, load_trained
-from dro_plugins.synthetic import make_dataset
-from dro_plugins.trainer import DROTrainer
+from dro_plugins.data.examples import write_examples
+from dro_plugins.evaluation.predictions import evaluate
+from dro_plugins.modeling.loading import is_checkpointing, write_tiny_model
+from dro_plugins.build import build_models, load_trained
+from dro_plugins.data.synthetic import make_dataset
+from dro_plugins.training.trainer import DROTrainer
 from tests.conftest import TINY_LORA
 
 pytestmark = pytest.mark.gpu

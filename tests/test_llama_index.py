@@ -25,7 +25,7 @@ from llama_index.postprocessor.dro import DROSelectorPostprocessor  # noqa: E402
 from llama_index.postprocessor.dro.postprocessor import node_to_passage  # noqa: E402
 
 from dro_plugins.cli.main import app  # noqa: E402
-from dro_plugins.data import Example  # noqa: E402
+from dro_plugins.data.examples import Example  # noqa: E402
 from dro_plugins.serving import load_selector  # noqa: E402
 from tests.conftest import REPO, SHARED_DATA  # noqa: E402
 
@@ -123,8 +123,8 @@ def _run_tree(factory: str, **extra):
 def test_training_ids_are_the_ids_the_llm_reads(name, tiny_model_dir, real_tiny_model_dirs, tmp_path, write_config):
     """HuggingFaceLLM's model receives exactly the prompt ids DRO trains on, for the tiny and both real tokenizers."""
     from dro_plugins.config import load_config
-    from dro_plugins.generator import LMGenerator
-    from dro_plugins.models import load_pretrained
+    from dro_plugins.modeling.generator import LMGenerator
+    from dro_plugins.modeling.loading import load_pretrained
     from llama_index.postprocessor.dro.engine import LlamaIndexPipeline
 
     model_dir = tiny_model_dir if name == "tiny" else real_tiny_model_dirs[name]

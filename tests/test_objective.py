@@ -5,15 +5,7 @@ import math
 import pytest
 import torch
 
-from dro_plugins.objective import (
-    effective_sample_size,
-    evidence,
-    generator_loss,
-    importance_weights,
-    selector_loss,
-    uniform_weights,
-    weight_entropy,
-)
+from dro_plugins.training.objective import effective_sample_size, evidence, generator_loss, importance_weights, selector_loss, uniform_weights, weight_entropy
 
 # one question, m = 3 samples with p_G(y | x, d_z) = 0.5, 0.25, 0.25
 LOG_LIK = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))

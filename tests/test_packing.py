@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from dro_plugins.data import Example, Passage
-from dro_plugins.packing import decode_step_mask, pack_shared_prefix, shared_prefix_allowed
+from dro_plugins.data.examples import Example, Passage
+from dro_plugins.modeling.packing import decode_step_mask, pack_shared_prefix, shared_prefix_allowed
 from dro_plugins.selectors.lm import LMSelector
 
 

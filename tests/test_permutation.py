@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from dro_plugins.permutation import DecodingState, PermutationGrammar
+from dro_plugins.modeling.permutation import DecodingState, PermutationGrammar
 
 
 class CharTokenizer:

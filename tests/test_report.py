@@ -6,8 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dro_plugins.cli.main import app
-from dro_plugins.synthetic import make_dataset
-from dro_plugins.data import write_examples
+from dro_plugins.data.synthetic import make_dataset
+from dro_plugins.data.examples import write_examples
 from tests.conftest import tiny_run_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -105,7 +105,7 @@ def test_without_matplotlib_the_run_says_how_to_get_plots(run, monkeypatch):
     import sys
 
     from dro_plugins.errors import DROError
-    from dro_plugins.plots import draw
+    from dro_plugins.reporting.plots import draw
 
     folder, _ = run
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError

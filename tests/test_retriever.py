@@ -13,12 +13,12 @@ import torch
 
 from conftest import SHARED_DATA, TINY_LORA, make_trainer
 from dro_plugins.config import MINILM, RunConfig
-from dro_plugins.data import Example, Passage, load_examples
-from dro_plugins.models import load_sentence_encoder
+from dro_plugins.data.examples import Example, Passage, load_examples
+from dro_plugins.modeling.loading import load_sentence_encoder
 from dro_plugins.selectors import plackett_luce
 from dro_plugins.selectors.index import FaissIndex
 from dro_plugins.selectors.retriever import BiEncoderScorer, RetrieverSelector, embed, passage_text
-from dro_plugins.supervision import positive_candidates
+from dro_plugins.data.supervision import positive_candidates
 
 NQ_TRAIN = SHARED_DATA / "nq" / "train.jsonl"
 

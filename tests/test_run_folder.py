@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from dro_plugins.cli.main import app
 from dro_plugins.errors import DROError
-from dro_plugins.run_folder import MARKER, claim, is_run_entry, is_run_folder
-from dro_plugins.data import write_examples
-from dro_plugins.synthetic import make_dataset
+from dro_plugins.training.run_folder import MARKER, claim, is_run_entry, is_run_folder
+from dro_plugins.data.examples import write_examples
+from dro_plugins.data.synthetic import make_dataset
 from tests.test_bad_inputs import _base_tree, finished_run  # noqa: F401 - the shared finished tiny run
 
 

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from dro_plugins.data import Example, Passage
-from dro_plugins.objective import importance_weights, selector_loss
+from dro_plugins.data.examples import Example, Passage
+from dro_plugins.training.objective import importance_weights, selector_loss
 from dro_plugins.selectors.lm import LMSelector
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dro_plugins.config import MINILM
-from dro_plugins.data import Example, Passage
-from dro_plugins.models import load_sentence_encoder
+from dro_plugins.data.examples import Example, Passage
+from dro_plugins.modeling.loading import load_sentence_encoder
 from dro_plugins.selectors.lm import LMSelector
 from dro_plugins.selectors.retriever import BiEncoderScorer, RetrieverSelector
 

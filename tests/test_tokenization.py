@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dro_plugins.data import Example, Passage
-from dro_plugins.generator import LMGenerator
-from dro_plugins.models import add_lora, load_pretrained
-from dro_plugins.permutation import PermutationGrammar, permutation_text
-from dro_plugins.prompts import render, selector_prompt
+from dro_plugins.data.examples import Example, Passage
+from dro_plugins.modeling.generator import LMGenerator
+from dro_plugins.modeling.loading import add_lora, load_pretrained
+from dro_plugins.modeling.permutation import PermutationGrammar, permutation_text
+from dro_plugins.modeling.prompts import render, selector_prompt
 from dro_plugins.selectors.lm import LMSelector
-from dro_plugins.tokenization import chat_format
+from dro_plugins.modeling.tokenization import chat_format
 from tests.conftest import REAL_TOKENIZERS
 
 ALL = ("tiny",) + REAL_TOKENIZERS
@@ -113,7 +113,7 @@ def test_generator_trains_the_tokens_of_the_rendered_conversation(real_tiny_mode
 
 
 def _user_message(example, permutation):
-    from dro_plugins.prompts import generator_prompt
+    from dro_plugins.modeling.prompts import generator_prompt
 
     return generator_prompt(example.question, [example.candidates[i] for i in permutation], 6)
 

@@ -5,10 +5,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dro_plugins.data import write_examples
+from dro_plugins.data.examples import write_examples
 from dro_plugins.errors import TrainingError
-from dro_plugins.synthetic import make_dataset
-from dro_plugins.supervision import supervised_permutation
+from dro_plugins.data.synthetic import make_dataset
+from dro_plugins.data.supervision import supervised_permutation
 from tests.conftest import make_trainer, tiny_run_config
 
 

@@ -7,12 +7,13 @@ import torch
 from peft import PeftModel
 
 from dro_plugins.config import LoraConfig, RunConfig
-from dro_plugins.data import write_examples
-from dro_plugins.models import add_lora, load_pretrained
-from dro_plugins.run import RunPaths, build_models, shares_base
-from dro_plugins.synthetic import make_dataset
-from dro_plugins.trainer import DROTrainer
-from dro_plugins.units import AdapterUnit
+from dro_plugins.data.examples import write_examples
+from dro_plugins.modeling.loading import add_lora, load_pretrained
+from dro_plugins.training.run_folder import RunPaths
+from dro_plugins.build import build_models, shares_base
+from dro_plugins.data.synthetic import make_dataset
+from dro_plugins.training.trainer import DROTrainer
+from dro_plugins.modeling.units import AdapterUnit
 from tests.conftest import TINY_LORA, tiny_run_config
 
 

@@ -26,12 +26,13 @@ from haystack.marshal import YamlMarshaller
 from haystack.utils.hf import convert_message_to_hf_format
 
 from dro_plugins.config import RunConfig, local_model_path
-from dro_plugins.data import Passage, load_corpus
+from dro_plugins.data.examples import Passage, load_corpus
 from dro_plugins.errors import PipelineError
 from dro_plugins.files import atomic_write_text
-from dro_plugins.generator import PromptEncoder, PromptRenderer
-from dro_plugins.tokenization import encode_like_transformers_pipeline
-from dro_plugins.run import export_generator
+from dro_plugins.modeling.generator import PromptEncoder, PromptRenderer
+from dro_plugins.modeling.tokenization import encode_like_transformers_pipeline
+from dro_plugins.build import export_generator
+from dro_plugins.training.run_folder import RunPaths
 from haystack_integrations.components.rankers.dro.selector import DROSelector, document_to_passage
 
 SELECTOR_NAME = "dro_selector"
@@ -364,13 +365,13 @@ class HaystackPipeline:
         run_dir = Path(run_dir).resolve()
         if SELECTOR_NAME in self.serialized["components"]:
             raise PipelineError(f"{self.path}: already has a component named '{SELECTOR_NAME}'; rename it")
-        generator_dir = export_generator(run_dir, run_dir / "generator-model")
+        generator_dir = export_generator(run_dir, RunPaths(run_dir).generator_model)
         tree = self.pipeline.to_dict()
         components = tree["components"]
         components[self.generator_name]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] = str(generator_dir)
         if self.selector_kind == "retriever":
             components[self.retriever_name]["init_parameters"]["top_k"] = self.top_k
-            components[self.query_embedder_name]["init_parameters"]["model"] = str(run_dir / "selector")
+            components[self.query_embedder_name]["init_parameters"]["model"] = str(RunPaths(run_dir).adapter("selector"))
             return self._write(tree, run_dir)
         components[self.retriever_name]["init_parameters"]["top_k"] = self.num_candidates
         components[SELECTOR_NAME] = DROSelector(model=str(run_dir), top_k=self.top_k).to_dict()
@@ -385,6 +386,6 @@ class HaystackPipeline:
 
     def _write(self, tree: dict, run_dir: Path) -> Path:
         optimized = Pipeline.from_dict(tree, allowed_modules=self.allowed_modules or None)
-        out = run_dir / "pipeline.yaml"
+        out = RunPaths(run_dir).pipeline
         atomic_write_text(out, optimized.dumps(marshaller=RelativeModelPaths(run_dir)))
         return out

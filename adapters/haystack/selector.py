@@ -6,7 +6,7 @@ from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 
-from dro_plugins.data import Passage
+from dro_plugins.data.examples import Passage
 from dro_plugins.serving import load_selector, select_or_fallback
 
 logger = logging.getLogger(__name__)

@@ -25,11 +25,12 @@ from llama_index.core.schema import MetadataMode, QueryBundle
 from llama_index.llms.huggingface import HuggingFaceLLM
 
 from dro_plugins.config import RunConfig
-from dro_plugins.data import Passage
+from dro_plugins.data.examples import Passage
 from dro_plugins.errors import PipelineError
-from dro_plugins.generator import PromptEncoder, PromptRenderer
-from dro_plugins.tokenization import encode_like_transformers_pipeline
-from dro_plugins.run import export_generator
+from dro_plugins.modeling.generator import PromptEncoder, PromptRenderer
+from dro_plugins.modeling.tokenization import encode_like_transformers_pipeline
+from dro_plugins.build import export_generator
+from dro_plugins.training.run_folder import RunPaths
 from llama_index.postprocessor.dro.postprocessor import node_to_passage
 
 QA_TEMPLATE = "response_synthesizer:text_qa_template"
@@ -212,4 +213,4 @@ class LlamaIndexPipeline:
         (LM selector) or ``HuggingFaceEmbedding(model_name=run_dir / "selector")`` as the retriever's query
         embedding model (retriever selector).
         """
-        return export_generator(run_dir, Path(run_dir).resolve() / "generator-model")
+        return export_generator(run_dir, RunPaths(Path(run_dir).resolve()).generator_model)

@@ -12,8 +12,8 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle
 
 from dro_plugins.config import load_config
-from dro_plugins.data import Passage
-from dro_plugins.run import RunPaths
+from dro_plugins.data.examples import Passage
+from dro_plugins.training.run_folder import RunPaths
 from dro_plugins.serving import load_selector, select_or_fallback
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """What every selector kind shares: the ``Selector`` protocol, the trainable-unit interface, and seeded draws.
 
-The EM loop (:mod:`dro_plugins.trainer`), checkpoints and serving see only these. Two kinds implement them:
+The EM loop (:mod:`dro_plugins.training.trainer`), checkpoints and serving see only these. Two kinds implement them:
 :class:`dro_plugins.selectors.lm.LMSelector` (the paper's generative list-wise selector, a causal LM with LoRA)
 and :class:`dro_plugins.selectors.retriever.RetrieverSelector` (a bi-encoder retriever with a Plackett-Luce
 distribution over its scores). DRO's E- and M-steps need only an exact, differentiable ``log p(z | x)`` and exact
@@ -18,8 +18,8 @@ from typing import Protocol
 
 import torch
 
-from dro_plugins.batching import Shape
-from dro_plugins.data import Example
+from dro_plugins.modeling.batching import Shape
+from dro_plugins.data.examples import Example
 
 
 @dataclass

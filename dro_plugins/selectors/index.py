@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from dro_plugins.data import Passage
+from dro_plugins.data.examples import Passage
 
 
 Hit = tuple[Passage, "torch.Tensor | None"]  # a passage and its document embedding [d] when the index keeps it

@@ -1,11 +1,11 @@
 """The generative list-wise selector p_S(z | x) (paper §4): a causal LM that writes ``[7] > [2] > [15]``.
 
-Decoding is constrained by :mod:`dro_plugins.permutation`, so every sample is a valid permutation by
+Decoding is constrained by :mod:`dro_plugins.modeling.permutation`, so every sample is a valid permutation by
 construction, and :meth:`LMSelector.log_prob` scores with the same masks and temperature.
 
 Both paths share each question's prompt across its m permutations (DESIGN.md §8): sampling prefills the prompt
 once and the m samples extend one cache, each seeing only the prompt and itself; ``log_prob`` packs
-``[prompt][z_1]...[z_m]`` into one row (:mod:`dro_plugins.packing`). Draws use Gumbel-max noise seeded per
+``[prompt][z_1]...[z_m]`` into one row (:mod:`dro_plugins.modeling.packing`). Draws use Gumbel-max noise seeded per
 question (from the seed and the question id), so a question's samples do not depend on which questions share
 its batch or micro-batch.
 """
@@ -17,16 +17,16 @@ from functools import lru_cache
 
 import torch
 
-from dro_plugins.batching import Shape
-from dro_plugins.data import Example
-from dro_plugins.lm import compute_dtype, greedy_generate, left_pad
-from dro_plugins.packing import additive_mask, decode_step_mask, pack_shared_prefix
-from dro_plugins.permutation import DecodingState, PermutationGrammar
-from dro_plugins.prompts import render, selector_prompt
-from dro_plugins.runtime import all_done
+from dro_plugins.modeling.batching import Shape
+from dro_plugins.data.examples import Example
+from dro_plugins.modeling.causal_lm import compute_dtype, greedy_generate, left_pad
+from dro_plugins.modeling.packing import additive_mask, decode_step_mask, pack_shared_prefix
+from dro_plugins.modeling.permutation import DecodingState, PermutationGrammar
+from dro_plugins.modeling.prompts import render, selector_prompt
 from dro_plugins.selectors.base import SampleBatch, draw_seed, gumbel_noise, question_seed
-from dro_plugins.tokenization import encode_prompt
-from dro_plugins.units import AdapterUnit
+from dro_plugins.modeling.tokenization import encode_prompt
+from dro_plugins.modeling.units import AdapterUnit
+from dro_plugins.distributed.runtime import NO_SYNC, Sync
 
 # Samples of one question decoded in one row at most; more are decoded in further rows (each with the prompt).
 SAMPLES_PER_ROW = 64
@@ -64,6 +64,11 @@ class LMSelector:
         """Switch a shared base model to the selector's adapter (a no-op otherwise)."""
         if self.unit is not None:
             self.unit.activate()
+
+    @property
+    def sync(self) -> Sync:
+        """Lockstep as this model sees it: its unit's (``Runtime.sync``), or none without a unit."""
+        return NO_SYNC if self.unit is None else self.unit.sync
 
     @lru_cache(maxsize=64)
     def grammar(self, num_candidates: int, top_k: int) -> PermutationGrammar:
@@ -121,7 +126,7 @@ class LMSelector:
                 for state, token in zip(row, row_tokens):
                     if not state.done:
                         state.advance(token)
-            if all_done(self.model, all(state.done for row in states for state in row)):
+            if self.sync.all_done(all(state.done for row in states for state in row)):
                 break
             mask = additive_mask(decode_step_mask(prompt_mask, num_samples, step), mask_dtype)
             out = self.model(
@@ -175,16 +180,16 @@ class LMSelector:
         """Unconstrained greedy decoding: the selector's raw text per question, e.g. ``"[3] > [1]"``.
 
         For selectors that were not trained with constrained decoding; read the text with
-        :func:`dro_plugins.permutation.parse_permutation`, which may find it unusable.
+        :func:`dro_plugins.modeling.permutation.parse_permutation`, which may find it unusable.
         """
         self.activate()
         prompts = [self.prompt_ids(ex, k or self.top_k) for ex in batch]
-        return greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens)
+        return greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens, synced=self.sync.active)
 
     def log_prob(self, batch: Sequence[Example], permutations: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Differentiable log p_S(z | x) of given permutations under the constrained distribution.
 
-        Each question's prompt and its m permutations are packed into one row (:mod:`dro_plugins.packing`), so
+        Each question's prompt and its m permutations are packed into one row (:mod:`dro_plugins.modeling.packing`), so
         the prompt is computed once, and only the positions of constrained choices reach the loss.
 
         Args:

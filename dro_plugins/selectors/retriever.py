@@ -22,12 +22,12 @@ from dataclasses import replace
 
 import torch
 
-from dro_plugins.batching import Shape
-from dro_plugins.data import Example, Passage
-from dro_plugins.metrics import passage_has_answer
+from dro_plugins.modeling.batching import Shape
+from dro_plugins.data.examples import Example, Passage
+from dro_plugins.data.labels import passage_has_answer
 from dro_plugins.selectors import plackett_luce
 from dro_plugins.selectors.base import SampleBatch, draw_seed, gumbel_noise, question_seed
-from dro_plugins.units import EncoderUnit
+from dro_plugins.modeling.units import EncoderUnit
 
 EMBEDDING_BATCH = 64  # passages per forward of the document tower
 

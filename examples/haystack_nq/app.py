@@ -14,7 +14,7 @@ import transformers
 from haystack import Document, Pipeline
 from haystack_integrations.components.rankers.dro import load_pipeline
 
-from dro_plugins.data import load_corpus
+from dro_plugins.data.examples import load_corpus
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "../../../shared/data/nq/corpus.jsonl"

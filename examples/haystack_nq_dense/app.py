@@ -18,7 +18,7 @@ from haystack.document_stores.in_memory import InMemoryDocumentStore
 from haystack_integrations.components.embedders.sentence_transformers import SentenceTransformersDocumentEmbedder
 from haystack_integrations.components.rankers.dro import load_pipeline
 
-from dro_plugins.data import load_corpus
+from dro_plugins.data.examples import load_corpus
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "../../../shared/data/nq/corpus.jsonl"

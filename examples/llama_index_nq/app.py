@@ -24,8 +24,8 @@ from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 from llama_index.llms.huggingface import HuggingFaceLLM
 from llama_index.vector_stores.faiss import FaissVectorStore
 
-from dro_plugins.data import load_corpus
-from dro_plugins.run import saved_config
+from dro_plugins.data.examples import load_corpus
+from dro_plugins.build import saved_config
 from llama_index.postprocessor.dro import DROSelectorPostprocessor
 
 HERE = Path(__file__).resolve().parent

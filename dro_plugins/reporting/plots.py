@@ -3,7 +3,7 @@
 - ``quality.png``: validation EM, F1 and selection recall@k per EM iteration (iteration 0 = before DRO);
 - ``e_step.png``: the E-step's effective sample size, importance-weight entropy and evidence per iteration;
 - ``losses.png``: the M-step losses of the selector and the generator per optimizer step;
-- ``attribution.png``: the share of validation questions per failure class (:mod:`dro_plugins.attribution`),
+- ``attribution.png``: the share of validation questions per failure class (:mod:`dro_plugins.evaluation.attribution`),
   stacked, per iteration.
 """
 
@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dro_plugins.attribution import CLASSES
+from dro_plugins.evaluation.attribution import CLASSES
 from dro_plugins.errors import DROError
+from dro_plugins.training.run_folder import RunPaths
 
 INSTALL_HINT = "pip install 'dro-plugins[report]' (matplotlib) to get them, then: dro report RUN"
 
@@ -24,7 +25,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     Raises:
         DROError: the folder has no ``metrics.jsonl``.
     """
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunPaths(Path(run_dir)).metrics
     if not path.is_file():
         raise DROError(f"{run_dir}: no metrics.jsonl; pass the output_dir of a dro optimize run")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -62,7 +63,7 @@ def draw(run_dir: Path) -> list[Path]:
     """
     plt = pyplot()
     lines = [line for line in read_metrics(run_dir) if line["stage"] == "dro"]
-    folder = Path(run_dir) / "plots"
+    folder = RunPaths(Path(run_dir)).plots
     folder.mkdir(exist_ok=True)
     iterations = [line["iteration"] for line in lines]
     written = []

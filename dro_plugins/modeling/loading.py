@@ -1,6 +1,6 @@
 """Loading causal LMs (HF id, local folder or built-in tiny model) and attaching LoRA adapters with peft.
 
-Models load directly in the compute dtype on their device (the dtype policy is in :mod:`dro_plugins.runtime`).
+Models load directly in the compute dtype on their device (the dtype policy is in :mod:`dro_plugins.distributed.runtime`).
 Adapters are named after their role ("selector", "generator"), so one base model can carry both.
 """
 
@@ -25,7 +25,7 @@ from dro_plugins.config import MINILM, TINY_MODELS, LoraConfig, ModelConfig, Tin
 from dro_plugins.errors import ModelLoadError
 from dro_plugins.faults import crash_point
 
-# Attention implementations that take the custom 4-D masks of shared-prefix packing (dro_plugins.packing).
+# Attention implementations that take the custom 4-D masks of shared-prefix packing (dro_plugins.modeling.packing).
 PACKING_ATTENTION = ("sdpa", "eager")
 
 # A minimal chat template so that tiny models exercise the same chat-template path as real instruct models.

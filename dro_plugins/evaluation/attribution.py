@@ -7,7 +7,7 @@ Every validation question falls in exactly one class, tested in this order:
 - ``selection_miss``: a candidate holds one, the k selected do not (fix the selector);
 - ``generation_miss``: a selected passage holds one and the answer is still wrong (fix the generator).
 
-A passage "holds an answer" by :func:`dro_plugins.metrics.passage_has_answer`: the data's own label wins when the
+A passage "holds an answer" by :func:`dro_plugins.data.labels.passage_has_answer`: the data's own label wins when the
 file has one (NQ's ``has_answer``, MuSiQue's ``is_gold``); without one, a normalised answer string inside the
 normalised passage text. With a pipeline the candidates are its retriever's output, labelled by the string match,
 so ``retrieval_miss`` measures the pipeline's own retriever.
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dro_plugins.data import Example
-from dro_plugins.metrics import exact_match, passage_has_answer
+from dro_plugins.data.examples import Example
+from dro_plugins.evaluation.metrics import exact_match
+from dro_plugins.data.labels import passage_has_answer
 
 CLASSES = ("correct", "generation_miss", "selection_miss", "retrieval_miss")
 

@@ -1,9 +1,9 @@
-"""Per-phase throughput of a run: seconds, questions/s, tokens/s and peak GPU memory (DESIGN.md §8).
+"""Throughput of a run per workload: seconds, questions/s, tokens/s and peak GPU memory.
 
-A DRO iteration has four timed phases: ``sampling`` (the selector draws m permutations per question, E-step),
+A DRO iteration has four timed workloads: ``sampling`` (the selector draws m permutations per question, E-step),
 ``scoring`` (the generator's answer log-likelihood of each, E-step), ``m_step`` (both importance-weighted updates)
 and ``validation`` (greedy selection and generation). Tokens are the tokens of each question's forward rows
-(:attr:`dro_plugins.batching.Shape.tokens`: the selector's packed row, the generator's m sequences padded to their
+(:attr:`dro_plugins.modeling.batching.Shape.tokens`: the selector's packed row, the generator's m sequences padded to their
 longest), without the padding that micro-batching adds across questions; validation counts none.
 """
 
@@ -15,18 +15,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-PHASES = ("sampling", "scoring", "m_step", "validation")
+WORKLOADS = ("sampling", "scoring", "m_step", "validation")
 
 
 @dataclass
-class PhaseMeter:
-    """Wall-clock seconds, questions and tokens of one phase, summed over its batches; the peak GPU memory.
+class WorkMeter:
+    """Wall-clock seconds, questions and tokens of one workload, summed over its batches; the peak GPU memory.
 
     Attributes:
         seconds: wall-clock seconds (the device is synchronised at each end, so queued GPU work is counted).
         questions: questions processed (a question counted once per pass over it).
         tokens: tokens of the questions' forward rows (see the module docstring).
-        peak_memory_gib: the largest ``torch.cuda.max_memory_allocated`` of the phase in GiB; None on CPU.
+        peak_memory_gib: the largest ``torch.cuda.max_memory_allocated`` of the workload in GiB; None on CPU.
     """
 
     seconds: float = 0.0
@@ -45,7 +45,7 @@ class PhaseMeter:
         }
 
     @classmethod
-    def from_dict(cls, saved: dict) -> PhaseMeter:
+    def from_dict(cls, saved: dict) -> WorkMeter:
         return cls(**saved)
 
     def to_dict(self) -> dict:
@@ -53,7 +53,7 @@ class PhaseMeter:
 
 
 @contextmanager
-def measure(meter: PhaseMeter, device: torch.device, questions: int, tokens: int):
+def measure(meter: WorkMeter, device: torch.device, questions: int, tokens: int):
     """Time the enclosed work into ``meter`` and add ``questions`` and ``tokens`` to it.
 
     On CUDA the device is synchronised before and after (one sync per batch, outside any inner loop) and the
@@ -74,13 +74,13 @@ def measure(meter: PhaseMeter, device: torch.device, questions: int, tokens: int
     meter.tokens += tokens
 
 
-def combine_meters(per_process: list[dict[str, PhaseMeter]]) -> dict[str, PhaseMeter]:
-    """One meter per phase for work done side by side in several processes: questions and tokens add up, the
-    phase took as long as its slowest process, peak memory is the largest of one process."""
-    combined: dict[str, PhaseMeter] = {}
+def combine_meters(per_process: list[dict[str, WorkMeter]]) -> dict[str, WorkMeter]:
+    """One meter per workload for work done side by side in several processes: questions and tokens add up, the
+    workload took as long as its slowest process, peak memory is the largest of one process."""
+    combined: dict[str, WorkMeter] = {}
     for meters in per_process:
-        for phase, meter in meters.items():
-            total = combined.setdefault(phase, PhaseMeter())
+        for workload, meter in meters.items():
+            total = combined.setdefault(workload, WorkMeter())
             total.seconds = max(total.seconds, meter.seconds)
             total.questions += meter.questions
             total.tokens += meter.tokens

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save
 from torch.distributed.tensor.experimental import implicit_replication
 
 from dro_plugins.files import atomic_write_bytes, atomic_write_text
-from dro_plugins.runtime import gathered, is_sharded, reshard
+from dro_plugins.distributed.fsdp import gathered
+from dro_plugins.distributed.runtime import NO_SYNC
 
 
 class AdapterUnit:
@@ -43,6 +44,7 @@ class AdapterUnit:
         self.name = name
         self.trainable = trainable
         self.prepared = model  # the data-parallel wrapper training runs through (Runtime.prepare), else the model
+        self.sync = NO_SYNC  # lockstep as model code sees it (Runtime.sync, set when the trainer prepares the model)
 
     def scoring_model(self):
         """The model a score runs through: the prepared (DDP) wrapper when gradients flow, so its hooks see every
@@ -58,10 +60,9 @@ class AdapterUnit:
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """This adapter's own parameters (LoRA matrices and its ``modules_to_save`` copies), by name.
 
-        Sharded (FSDP2) parameters are listed as their shards: a model that an inference forward left gathered is
-        resharded first, since an optimizer built over the gathered copies would update copies that FSDP discards.
+        With sharded weights (FSDP2) call ``Runtime.reshard`` first: after an inference forward these would be the
+        gathered copies, which FSDP discards.
         """
-        reshard(self.model)
         marker = f".{self.name}."
         return [(n, p) for n, p in self.model.named_parameters() if marker in n]
 
@@ -77,12 +78,12 @@ class AdapterUnit:
         """For the enclosed inference, this adapter's weights are ``dtype`` copies; the float32 masters come back after.
 
         A float32 adapter on a bf16 base makes peft cast every LoRA input up to float32 and run the LoRA matmuls in
-        float32 (DESIGN.md §8); sampling, scoring and validation need no gradient, so they can run the adapter in the
+        float32 (:mod:`dro_plugins.distributed.device`); sampling, scoring and validation need no gradient, so they can run the adapter in the
         base's dtype. The parameters stay the same objects (only ``.data`` is swapped), so optimizers are unaffected.
         For inference only: a gradient taken inside would be in ``dtype``. Sharded weights (FSDP2) are left as they
         are: FSDP gathers them from its own storage, which swapping ``.data`` would not reach.
         """
-        if is_sharded(self.model):
+        if self.sync.active:
             yield
             return
         params = [p for p in self.parameters() if p.is_floating_point() and p.dtype != dtype]

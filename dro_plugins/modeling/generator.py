@@ -6,13 +6,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from dro_plugins.batching import MAX_PADDING, Shape, plan_microbatches
-from dro_plugins.data import Example, Passage
-from dro_plugins.lm import greedy_generate, tail_logits
-from dro_plugins.runtime import is_sharded
-from dro_plugins.prompts import generator_prompt, render
-from dro_plugins.tokenization import chat_format, encode_prompt, encode_with_target, stop_token_ids
-from dro_plugins.units import AdapterUnit
+from dro_plugins.modeling.batching import MAX_PADDING, Shape, plan_microbatches
+from dro_plugins.data.examples import Example, Passage
+from dro_plugins.modeling.causal_lm import greedy_generate, tail_logits
+from dro_plugins.modeling.prompts import generator_prompt, render
+from dro_plugins.modeling.tokenization import chat_format, encode_prompt, encode_with_target, stop_token_ids
+from dro_plugins.modeling.units import AdapterUnit
+from dro_plugins.distributed.runtime import NO_SYNC, Sync
 
 
 # (question, passages in selection order) -> the text the generator reads, up to where its answer starts
@@ -27,10 +27,10 @@ class LMGenerator:
     """A causal-LM generator.
 
     The prompt lists the selected passages in the permutation's order: by default the built-in instruction
-    (:func:`dro_plugins.prompts.generator_prompt`, chat template applied when the tokenizer has one); a framework
+    (:func:`dro_plugins.modeling.prompts.generator_prompt`, chat template applied when the tokenizer has one); a framework
     adapter passes its pipeline's own prompt template instead, so training and serving read the same text, and its
     framework's encoder, so they read the same token ids. The target is the first gold answer as the tokenizer's chat
-    format writes it (:mod:`dro_plugins.tokenization`): e.g. followed by ``<|eot_id|>`` for Llama 3, by the eos token
+    format writes it (:mod:`dro_plugins.modeling.tokenization`): e.g. followed by ``<|eot_id|>`` for Llama 3, by the eos token
     without a chat template. Generation stops on those end-of-turn tokens.
 
     Args:
@@ -43,7 +43,7 @@ class LMGenerator:
             (which cuts passages to ``max_passage_words``).
         unit: the generator's adapter on ``model`` (needed when the model is shared with the selector); by
             default the model's active adapter.
-        encode: prompt text -> ids; None for :func:`dro_plugins.tokenization.encode_prompt`.
+        encode: prompt text -> ids; None for :func:`dro_plugins.modeling.tokenization.encode_prompt`.
 
     Raises:
         ModelLoadError: the tokenizer's chat template fails, or an answer could not end (no template, no eos).
@@ -83,6 +83,11 @@ class LMGenerator:
         if self.unit is not None:
             self.unit.activate()
 
+    @property
+    def sync(self) -> Sync:
+        """Lockstep as this model sees it: its unit's (``Runtime.sync``), or none without a unit."""
+        return NO_SYNC if self.unit is None else self.unit.sync
+
     def shape(self, example: Example, permutations: Sequence[Sequence[int]]) -> Shape:
         """Tokens one question needs when scored with these permutations: one row per distinct permutation.
 
@@ -105,7 +110,7 @@ class LMGenerator:
         """Target tokens of an answer as the chat format writes it, end of turn included, so the model learns to stop.
 
         These are the trained ids whenever the prompt's ids are a prefix of the prompt and answer encoded together
-        (checked by :meth:`sequence` through :func:`dro_plugins.tokenization.encode_with_target`).
+        (checked by :meth:`sequence` through :func:`dro_plugins.modeling.tokenization.encode_with_target`).
         """
         return self.tokenizer.encode(self.chat.target_text(answer), add_special_tokens=False)
 
@@ -148,9 +153,9 @@ class LMGenerator:
                     targets.append(target)
                 index.append(rows[key])
         # rows of similar length share a forward (padding at most MAX_PADDING of it: attention grows as length^2);
-        # with sharded weights (FSDP2) one forward, so that every process runs as many as the others
+        # in lockstep (FSDP2) one forward, so that every process runs as many as the others
         lengths = [Shape(1, len(sequence)) for sequence in sequences]
-        groups = [list(range(len(sequences)))] if is_sharded(self.model) else plan_microbatches(lengths, sum(s.tokens for s in lengths), MAX_PADDING)
+        groups = [list(range(len(sequences)))] if self.sync.active else plan_microbatches(lengths, sum(s.tokens for s in lengths), MAX_PADDING)
         totals = [None] * len(sequences)
         for group in groups:
             for r, total in zip(group, self._answer_log_probs([sequences[r] for r in group], [targets[r] for r in group])):
@@ -183,5 +188,5 @@ class LMGenerator:
         """
         self.activate()
         prompts = [self.prompt_ids(ex, perm) for ex, perm in zip(batch, permutations)]
-        texts = greedy_generate(self.model, self.tokenizer, prompts, self.max_new_tokens, self.stop_ids)
+        texts = greedy_generate(self.model, self.tokenizer, prompts, self.max_new_tokens, self.stop_ids, self.sync.active)
         return [self.chat.strip(text) for text in texts]

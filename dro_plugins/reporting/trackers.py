@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from dro_plugins.errors import DROError
+from dro_plugins.training.run_folder import RunPaths
 
 
 class Reporter(Protocol):
@@ -107,5 +108,5 @@ def open_reporter(report_to: str, run_dir: Path, config: dict) -> Reporter:
     if not installed(report_to):  # the tracker and its package share a name
         raise DROError(f"report_to: {report_to} needs the {report_to} package; pip install {report_to}, or set report_to: none")
     if report_to == "tensorboard":
-        return TensorBoardReporter(run_dir / "tensorboard")
-    return WandbReporter(run_dir / "wandb", run_dir.name, config)
+        return TensorBoardReporter(RunPaths(run_dir).tensorboard)
+    return WandbReporter(RunPaths(run_dir).wandb, run_dir.name, config)

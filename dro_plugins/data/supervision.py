@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from dro_plugins.data import Example
-from dro_plugins.metrics import passage_has_answer
+from dro_plugins.data.examples import Example
+from dro_plugins.data.labels import passage_has_answer
 
 
 def positive_candidates(example: Example) -> list[int]:

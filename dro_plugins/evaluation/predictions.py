@@ -6,12 +6,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from dro_plugins.attribution import failure_class, fractions
-from dro_plugins.batching import run_in_microbatches
-from dro_plugins.data import Example
-from dro_plugins.generator import LMGenerator
-from dro_plugins.metrics import exact_match, f1_score, selection_recall
-from dro_plugins.progress import Track, no_progress
+from dro_plugins.evaluation.attribution import failure_class, fractions
+from dro_plugins.modeling.batching import run_in_microbatches
+from dro_plugins.data.examples import Example
+from dro_plugins.modeling.generator import LMGenerator
+from dro_plugins.evaluation.metrics import exact_match, f1_score, selection_recall
+from dro_plugins.reporting.progress import Track, no_progress
 from dro_plugins.selectors.base import Selector
 
 
@@ -34,7 +34,7 @@ def evaluate(
         ``{"em", "f1", "recall", "answer_log_likelihood", "attribution", "predictions"}``: EM, F1 and recall are means
         over questions in [0, 1]; ``answer_log_likelihood`` is the mean log p_G(y | x, d_z) of the gold answer given the
         greedy selection (nats per question), which moves even when no generated answer is right yet;
-        ``attribution`` the share of questions per :mod:`dro_plugins.attribution` class; ``predictions`` as
+        ``attribution`` the share of questions per :mod:`dro_plugins.evaluation.attribution` class; ``predictions`` as
         :func:`predict` returns them.
     """
     return summarize(predict(selector, generator, examples, batch_size, track, max_tokens))
@@ -47,16 +47,16 @@ def predict(
     batch_size: int,
     track: Track = no_progress,
     max_tokens: int | None = None,
-    calls: Callable[[int], int] | None = None,
+    lockstep: Callable | None = None,
 ) -> list[dict]:
     """Per question: the greedy selection, the greedy answer and their scores.
 
     Args:
         batch_size: questions per progress step.
-        track: wraps the batch loop for progress display (:class:`dro_plugins.progress.Track`).
+        track: wraps the batch loop for progress display (:class:`dro_plugins.reporting.progress.Track`).
         max_tokens: padded tokens per forward pass (``dro.max_tokens_per_microbatch``); None = no limit.
-        calls: micro-batch calls for a plan of n, as :func:`dro_plugins.batching.run_in_microbatches` (``Runtime.calls``
-            when processes shard the weights).
+        lockstep: ``Runtime.lockstep_plan`` when processes shard the weights, as
+            :func:`dro_plugins.modeling.batching.run_in_microbatches`.
 
     Returns:
         One ``{"id", "prediction", "selected", "failure", "em", "f1", "recall", "answer_log_likelihood"}`` per
@@ -67,18 +67,18 @@ def predict(
     for given in track(batches(examples, batch_size), "evaluate", len(examples), size=len):
         batch = selector.candidates(given)  # a trainable retriever with an index retrieves with its current weights
         selected = run_in_microbatches(
-            [selector.shape(ex, 1) for ex in batch], max_tokens, lambda micro: selector.select([batch[i] for i in micro]), calls
+            [selector.shape(ex, 1) for ex in batch], max_tokens, lambda micro: selector.select([batch[i] for i in micro]), lockstep
         )
         shapes = [generator.shape(ex, [picks]) for ex, picks in zip(batch, selected)]
         answers = run_in_microbatches(
-            shapes, max_tokens, lambda micro: generator.generate([batch[i] for i in micro], [selected[i] for i in micro]), calls
+            shapes, max_tokens, lambda micro: generator.generate([batch[i] for i in micro], [selected[i] for i in micro]), lockstep
         )
         with torch.no_grad():
             likelihoods = run_in_microbatches(
                 shapes,
                 max_tokens,
                 lambda micro: generator.log_likelihood([batch[i] for i in micro], torch.tensor([[selected[i]] for i in micro]))[:, 0].tolist(),
-                calls,
+                lockstep,
             )
         for example, picks, answer, likelihood in zip(batch, selected, answers, likelihoods):
             predictions.append({

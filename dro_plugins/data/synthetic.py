@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from dro_plugins.data import Example, Passage
+from dro_plugins.data.examples import Example, Passage
 
 VALUES = (
     "red blue green yellow purple orange black white brown pink silver golden "

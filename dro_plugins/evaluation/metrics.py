@@ -1,26 +1,13 @@
-"""SQuAD-style answer metrics (exact match, token F1) and selection recall.
-
-Normalisation follows the official SQuAD v1.1 evaluation script: lower-case, drop punctuation and the
-articles a/an/the, fold whitespace.
-"""
+"""SQuAD-style answer metrics (exact match, token F1) and selection recall (recall@k), on answers normalised by
+:func:`dro_plugins.data.labels.normalize_answer`."""
 
 from __future__ import annotations
 
-import re
-import string
 from collections import Counter
 from collections.abc import Sequence
 
-from dro_plugins.data import Passage
-
-_PUNCTUATION = set(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, remove punctuation and articles, and fold whitespace (SQuAD v1.1)."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+from dro_plugins.data.examples import Passage
+from dro_plugins.data.labels import normalize_answer, passage_has_answer
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
@@ -41,14 +28,6 @@ def _f1(prediction: str, answer: str) -> float:
 def f1_score(prediction: str, answers: Sequence[str]) -> float:
     """Token-level F1 between normalised prediction and answer, maximised over the gold answers."""
     return max(_f1(prediction, a) for a in answers)
-
-
-def passage_has_answer(passage: Passage, answers: Sequence[str]) -> bool:
-    """The passage's label when the data has one (``has_answer``/``is_gold``), else a normalised string match."""
-    if passage.has_answer is not None:
-        return passage.has_answer
-    text = f" {normalize_answer(passage.text)} "
-    return any(f" {normalize_answer(a)} " in text for a in answers if normalize_answer(a))
 
 
 def selection_recall(selected: Sequence[Passage], answers: Sequence[str]) -> float:

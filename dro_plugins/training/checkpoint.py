@@ -25,7 +25,7 @@ import torch
 from dro_plugins.errors import DROError
 from dro_plugins.faults import crash_point
 from dro_plugins.files import atomic_write_bytes, atomic_write_text
-from dro_plugins.runtime import gathered, shard_optimizer_state
+from dro_plugins.distributed.fsdp import gathered, shard_optimizer_state
 
 MARKER = "COMPLETE"
 
@@ -47,7 +47,7 @@ class LoopState:
         stale_iterations: iterations since the best one (early stopping).
         history: the metrics lines written so far.
         nan_batches: batches skipped for a non-finite loss, in total.
-        throughput: this iteration's :class:`dro_plugins.throughput.PhaseMeter` per phase so far, as dicts.
+        throughput: this iteration's :class:`dro_plugins.reporting.throughput.WorkMeter` per phase so far, as dicts.
     """
 
     iteration: int = 0

@@ -3,7 +3,7 @@
 Sequences are left-padded so that every row's continuation (selection or answer) ends at the last
 position; the LM head then runs only on the last few positions (``logits_to_keep``), which keeps the
 vocabulary projection cheap for long prompts and large vocabularies. Every score goes through the model's
-own ``forward``, which peft, DDP and FSDP wrap. Shared prompts are packed by :mod:`dro_plugins.packing`.
+own ``forward``, which peft, DDP and FSDP wrap. Shared prompts are packed by :mod:`dro_plugins.modeling.packing`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 
-from dro_plugins.runtime import is_sharded
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -54,7 +53,12 @@ def tail_logits(model, sequences: Sequence[Sequence[int]], keep: int, pad_id: in
 
 @torch.no_grad()
 def greedy_generate(
-    model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] | None = None
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_ids: Sequence[int] | None = None,
+    synced: bool = False,
 ) -> list[str]:
     """Greedy continuations of left-padded prompts, decoded without special tokens and stripped.
 
@@ -62,6 +66,7 @@ def greedy_generate(
         prompts: N prompt token-id lists.
         max_new_tokens: longest continuation, in tokens.
         stop_ids: token ids that end a continuation; ``tokenizer.eos_token_id`` when None.
+        synced: processes run in lockstep (``Sync.active``): each keeps decoding until every one is done.
     """
     was_training = model.training
     model.eval()
@@ -73,7 +78,7 @@ def greedy_generate(
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=list(stop_ids) if stop_ids else tokenizer.eos_token_id,
-        synced_gpus=is_sharded(model),  # sharded weights: every process decodes until all are done
+        synced_gpus=synced,
     )
     model.train(was_training)
     return [text.strip() for text in tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)]

@@ -1,79 +1,29 @@
-"""The run folder written by ``dro optimize``, and the models of a run.
+"""The models of a run: built fresh from a config (:func:`build_models`), loaded from a run folder
+(:func:`load_trained`), and the generator exported as a plain Hugging Face folder (:func:`export_generator`).
 
-Layout::
-
-    config.yaml          the resolved run config
-    metrics.jsonl        one line per EM iteration (iteration 0 = before DRO)
-    report.json          best validation metrics and the per-iteration history
-    selector/ generator/ best LoRA adapters (adapter_model.safetensors)
-    generator-model/     the best generator merged into its base model (pipeline runs; see export_generator)
-    base/                tiny base models and tokenizers, when the config uses a built-in tiny model (one shared
-                         base lives in base/selector)
-    checkpoint/          latest training state, for resuming
-    samples/             E-step samples and importance weights per iteration
-
-With ``selector.kind: retriever``, ``selector/`` is the best query tower as a sentence-transformers folder, and
-``index/`` keeps the document tower's embeddings of ``selector.corpus`` (computed once per run).
+Where each file of a run folder lives: :class:`dro_plugins.training.run_folder.RunPaths`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
 
 from dro_plugins.config import RunConfig, load_config
-from dro_plugins.data import load_corpus
+from dro_plugins.data.examples import load_corpus
 from dro_plugins.errors import DROError
 from dro_plugins.files import atomic_write_bytes
-from dro_plugins.generator import LMGenerator
-from dro_plugins.models import add_lora, enable_gradient_checkpointing, load_base_model, load_lora, load_sentence_encoder
-from dro_plugins.runtime import gradient_checkpointing_default, resolve_device
+from dro_plugins.modeling.generator import LMGenerator
+from dro_plugins.modeling.loading import add_lora, enable_gradient_checkpointing, load_base_model, load_lora, load_sentence_encoder
+from dro_plugins.distributed.device import gradient_checkpointing_default, resolve_device
 from dro_plugins.selectors.index import FaissIndex
 from dro_plugins.selectors.lm import LMSelector
 from dro_plugins.selectors.retriever import BiEncoderScorer, RetrieverSelector, embed, passage_text
-from dro_plugins.units import AdapterUnit
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Paths inside a run folder."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.json"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "checkpoint"
-
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples"
-
-    def adapter(self, role: str) -> Path:
-        """Best adapter folder of ``role`` ("selector" or "generator")."""
-        return self.root / role
-
-    def tiny_base(self, role: str) -> Path:
-        return self.root / "base" / role
-
-    @property
-    def index(self) -> Path:
-        return self.root / "index"
+from dro_plugins.modeling.units import AdapterUnit
+from dro_plugins.training.run_folder import RunPaths
 
 
 ROLES = ("selector", "generator")
@@ -163,7 +113,7 @@ def load_retriever_selector(config: RunConfig, run_dir: Path, adapters: Path | N
         query_prefix=section.query_prefix, query_suffix=section.query_suffix,
     )
     if adapters is not None:
-        selector.unit.load(Path(adapters) / "selector")
+        selector.unit.load(RunPaths(Path(adapters)).adapter("selector"))
     if index is None and section.corpus is not None:
         passages = load_corpus(section.corpus)
         embeddings = corpus_embeddings(RunPaths(Path(run_dir)), documents, passages)

@@ -75,26 +75,25 @@ def oversized(shapes: Sequence[Shape], token_budget: int | None) -> list[int]:
     return [i for i, s in enumerate(shapes) if s.tokens > token_budget]
 
 
-def run_in_microbatches(shapes: Sequence[Shape], token_budget: int | None, run, calls: Callable[[int], int] | None = None) -> list:
+def run_in_microbatches(shapes: Sequence[Shape], token_budget: int | None, run, lockstep: Callable | None = None) -> list:
     """Call ``run(indices)`` once per micro-batch and return its per-item results in item order.
 
     Args:
         shapes: one :class:`Shape` per item.
         token_budget: as :func:`plan_microbatches` (with at most :data:`MAX_PADDING` padding).
         run: ``run(indices) -> sequence`` with one result per index, in the order given.
-        calls: how many times to call ``run`` for a plan of n micro-batches (``Runtime.calls``: processes with sharded
-            weights must all run as many forwards); the calls past the plan repeat its last micro-batch, and their
-            results are dropped. None: once per micro-batch.
+        lockstep: ``Runtime.lockstep_plan``, when processes must all run as many forwards (FSDP2): the calls past
+            this process's plan repeat its last micro-batch, and their results are dropped. None: once per micro-batch.
 
     Returns:
         ``len(shapes)`` results, ``results[i]`` for item ``i``.
     """
     results: list = [None] * len(shapes)
     plan = plan_microbatches(shapes, token_budget, MAX_PADDING)
-    padding = calls(len(plan)) - len(plan) if calls else 0  # before any forward: calls may be a collective
-    for micro in plan:
-        for index, result in zip(micro, run(micro)):
-            results[index] = result
-    for _ in range(padding):
-        run(plan[-1])
+    steps = lockstep(plan, plan[-1] if plan else []) if lockstep else [(micro, False) for micro in plan]
+    for micro, padding in steps:
+        output = run(micro)
+        if not padding:
+            for index, result in zip(micro, output):
+                results[index] = result
     return results

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dro_plugins.data import Passage
+from dro_plugins.data.examples import Passage
 
 
 def _cut(text: str, max_words: int) -> str:

@@ -1,18 +1,6 @@
-"""Where tensors live, in which dtype, and in how many processes: the one place that policy is written down.
-
-Dtype policy (tested in ``tests/test_units.py``):
-
-- **Base weights** are in the compute dtype: bfloat16 on a CUDA GPU that supports it, else float32. They are
-  loaded directly in it (``from_pretrained(dtype=..., device_map=...)``), never through a float32 copy.
-- **LoRA adapters and their AdamW state** are float32. An M-step update is ~1e-4 of a weight; bfloat16 keeps 8
-  bits of mantissa (relative step 2^-8 ≈ 4e-3), so most updates would round to nothing. peft keeps adapters in
-  float32 by default (``autocast_adapter_dtype=True``) and casts each adapter layer's input to float32 and its
-  output back; that keeps training exact. Where no gradient flows (E-step sampling and scoring, validation) each
-  adapter runs as a copy in the compute dtype (``AdapterUnit.computing_in``), which saves the casts and the float32
-  LoRA matmuls; the float32 masters are put back unchanged.
-- **``modules_to_save`` copies** (e.g. embeddings of tiny random models) stay in the compute dtype: they replace a
-  base module inside the forward, so they must run in its dtype.
-- **Log-probabilities, importance weights and losses** are float32: logits are cast up before any softmax.
+"""The process facade: what differs between one process and several (``accelerate launch``, ``torchrun``), and the
+one lockstep rule (every process runs as many forwards as the busiest one) that the E-step, M-step and validation
+share.
 """
 
 from __future__ import annotations
@@ -20,43 +8,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
-from dro_plugins.errors import DROError, ModelLoadError
-
-ADAPTER_DTYPE = torch.float32
-LOG_PROB_DTYPE = torch.float32
-
-
-def resolve_device(name: str) -> tuple[torch.device, torch.dtype]:
-    """Map the config's ``device`` to a torch device and the compute dtype of base weights.
-
-    ``auto`` picks CUDA with bfloat16 when a GPU is present (float32 if the GPU lacks bf16), else CPU float32.
-
-    Raises:
-        ModelLoadError: a CUDA device is named but no GPU is visible.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelLoadError(f"device: '{name}' asked for but no CUDA GPU is visible; use device: auto or cpu")
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return device, torch.float32
-
-
-def gradient_checkpointing_default(device: torch.device) -> bool:
-    """Gradient checkpointing when a model's setting is left unset: on for CUDA (memory), off on CPU (speed)."""
-    return device.type == "cuda"
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for a CUDA (or other accelerator) out-of-memory error."""
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
+from dro_plugins.distributed.fsdp import fsdp_root, fully_shard, reshard
+from dro_plugins.errors import DROError
 
 # Accelerate engines not supported (set in the environment by `accelerate launch --config_file ...`)
 UNSUPPORTED_ENGINES = ("DEEPSPEED", "MEGATRON_LM")
@@ -74,101 +32,32 @@ def shard_range(count: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
-def fsdp_root(model):
-    """The module that FSDP2 shards as its root: the causal LM inside a peft model, else the model.
+@dataclass(frozen=True)
+class Sync:
+    """Lockstep as model code sees it: whether processes run in lockstep (FSDP2: every forward needs every
+    process), and whether all of them are done with a decoding loop.
 
-    Not the ``PeftModel`` itself: peft's ``generate`` calls the inner model, which would then run outside the root's
-    hooks (its parameters still sharded). The inner model holds every parameter, adapters included.
+    Model code (a selector's constrained decoding, a generator's greedy decoding and row grouping) reads this and
+    never asks whether its model is sharded; :attr:`Runtime.sync` hands it out.
     """
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    active: bool = False
+    device: torch.device | None = None
+
+    def all_done(self, done: bool) -> bool:
+        """``done`` itself with one process or without lockstep; in lockstep, whether every process is done (one
+        all-reduce per decoding step, as transformers' ``generate(synced_gpus=True)``): a process that is done keeps
+        taking part in forwards until all are."""
+        if not self.active:
+            return done
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if done else 1.0], device=self.device)
+        dist.all_reduce(flag)
+        return flag.item() == 0.0
 
 
-def is_sharded(model) -> bool:
-    """True when ``model``'s weights are sharded over processes (FSDP2): each of its forwards needs every process."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(fsdp_root(model), FSDPModule)
-
-
-def reshard(model) -> None:
-    """Put a sharded model's parameters back to their shards (a no-op for shards and for a model not sharded)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in fsdp_root(model).modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
-def all_done(model, done: bool) -> bool:
-    """Whether every process is done with a decoding loop: ``done`` itself unless ``model`` is sharded, in which case
-    a process that is done must keep taking part in forwards until all are (one all-reduce per step, as
-    transformers' ``generate(synced_gpus=True)``)."""
-    if not is_sharded(model):
-        return done
-    import torch.distributed as dist
-
-    flag = torch.tensor([0.0 if done else 1.0], device=next(model.parameters()).device)
-    dist.all_reduce(flag)
-    return flag.item() == 0.0
-
-
-def gathered(tensor: torch.Tensor) -> torch.Tensor:
-    """A full tensor from a sharded one (``DTensor``; collective: every process calls it in the same order); any
-    other tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """After ``load_state_dict`` of full (one-process) optimizer state into an optimizer of sharded parameters: each
-    state tensor shaped like its parameter is sharded like it (every process holds the full tensor, so this is local)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    for param, state in optimizer.state.items():
-        if not isinstance(param, DTensor):
-            continue
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == param.shape:
-                state[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-
-
-def _fully_shard(model, plugin) -> None:
-    """FSDP2 on ``model``, in place: each transformer block (the accelerate config's ``fsdp_transformer_layer_cls_to_wrap``,
-    else the model's ``_no_split_modules``) is one unit, the rest is the root (:func:`fsdp_root`).
-
-    Parameters keep their dtype (bfloat16 base, float32 adapters, DESIGN.md §8); the config's resharding and
-    CPU offloading apply.
-
-    Raises:
-        DROError: the model is not a causal LM with adapters (a retriever's query tower), has no block to shard, or
-            has trainable parameters in two dtypes (FSDP reduces all of a unit's gradients in one).
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    if not hasattr(model, "get_base_model"):
-        raise DROError(
-            f"FSDP shards causal LMs with LoRA adapters, not a {type(model).__name__} (the retriever selector's query "
-            "tower): run it with a DDP accelerate config (distributed_type: MULTI_GPU) or torchrun"
-        )
-    root = fsdp_root(model)
-    names = set(plugin.transformer_cls_names_to_wrap or getattr(root, "_no_split_modules", None) or [])
-    blocks = [module for module in list(root.modules())[1:] if type(module).__name__ in names]
-    if not blocks:
-        raise DROError(
-            f"FSDP found no transformer block to shard in {type(root).__name__} (looked for {sorted(names) or 'its _no_split_modules'}): "
-            "set fsdp_config.fsdp_transformer_layer_cls_to_wrap in the accelerate config to the model's decoder layer class"
-        )
-    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in root.parameters() if p.requires_grad})
-    if len(dtypes) > 1:
-        raise DROError(
-            f"FSDP needs every trained parameter in one dtype, and these are {' and '.join(dtypes)} (lora.modules_to_save "
-            "copies run in the base's dtype, adapters in float32): drop lora.modules_to_save, or use DDP"
-        )
-    options = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload}
-    for block in blocks:
-        fully_shard(block, **options)
-    fully_shard(root, offload_policy=plugin.cpu_offload)
+NO_SYNC = Sync()
 
 
 class Runtime:
@@ -181,7 +70,7 @@ class Runtime:
 
     With an accelerate config for FSDP (``fsdp_version: 2``) the weights are sharded instead (:meth:`prepare`), and
     every forward of a model needs every process: the processes then run in lockstep (:attr:`lockstep`), each
-    padding its work to the same number of forwards (:meth:`share`, :meth:`calls`, :func:`all_done`).
+    padding its work to the same number of forwards (:meth:`share`, :meth:`lockstep_plan`, :class:`Sync`).
 
     Args:
         accelerator: None for one process.
@@ -242,6 +131,11 @@ class Runtime:
         return self.fsdp is not None
 
     @property
+    def sync(self) -> Sync:
+        """What model code needs of lockstep (:class:`Sync`); set on each trainable unit when it is prepared."""
+        return Sync(self.lockstep, self.accelerator.device if self.lockstep else None)
+
+    @property
     def load_device(self) -> str | None:
         """Where base weights are read before :meth:`prepare`: the CPU in lockstep, since FSDP2 then moves each
         process's shard to its GPU (a base that does not fit one GPU never lands on one whole); None otherwise (the
@@ -281,6 +175,26 @@ class Runtime:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return int(value.item())
 
+    def lockstep_plan(self, micro_batches: list, filler) -> list[tuple[object, bool]]:
+        """The one lockstep rule: ``(micro_batch, False)`` for each of this process's micro-batches, then
+        ``(filler, True)`` until it runs as many as the busiest process (:meth:`calls`). A padding call's result is
+        dropped (no gradient: its loss is multiplied by zero). At least one call, so a process with no work still
+        joins a step's gradient all-reduce.
+
+        Args:
+            micro_batches: this process's micro-batches (lists of indices).
+            filler: what a padding call runs (e.g. the last micro-batch).
+        """
+        calls = self.calls(max(len(micro_batches), 1))  # before any forward: a collective in lockstep
+        return [(micro, False) for micro in micro_batches] + [(filler, True)] * (calls - len(micro_batches))
+
+    def reshard(self, *models) -> None:
+        """Put sharded (FSDP2) weights back to their shards, e.g. before an optimizer is built over them or a
+        gradient is clipped; after an inference forward they may be the gathered copies. A no-op otherwise."""
+        if self.lockstep:
+            for model in models:
+                reshard(model)
+
     @contextlib.contextmanager
     def main_first(self):
         """The main process runs the enclosed block first (e.g. writing a tiny base model), then the others."""
@@ -315,7 +229,7 @@ class Runtime:
         if self.accelerator is None:
             return model
         if self.lockstep:
-            _fully_shard(model, self.fsdp)
+            fully_shard(model, self.fsdp)
             return model
         return self.accelerator.prepare_model(model)
 
