@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from dro_plugins.build import build_models, load_trained, saved_config
@@ -68,11 +69,13 @@ def optimize(
     train, validation = load_run_data(config)
     pipeline = open_pipeline(config) if config.pipeline is not None else None
     config = resolved_config(config, pipeline)  # computed once; never rewritten, and holds nothing per process
-    if runtime.is_main:
-        line = run_folder.prepare(config, config_path, restart)
-        if line:
-            log(line)
-    runtime.wait()
+    with run_folder.opened(config, config_path, restart, log) if runtime.is_main else nullcontext():
+        runtime.wait()
+        return _train(config, runtime, pipeline, train, validation, log, track)
+
+
+def _train(config: RunConfig, runtime: Runtime, pipeline, train, validation, log, track) -> dict:
+    """The part of :func:`optimize` after the run folder is held: candidates, models, training, export."""
     if pipeline is not None:
         train, validation = (attach_candidates(part, pipeline, config.data.num_candidates, config.selector.top_k, track) for part in (train, validation))
     log(f"{len(train)} training and {len(validation)} validation questions; loading models")

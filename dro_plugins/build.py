@@ -166,7 +166,7 @@ def build_models(
     When both name the same model (:func:`shares_base`), it is loaded once and carries both adapters.
 
     Returns:
-        ``(LMSelector, LMGenerator)``.
+        ``(selector, LMGenerator)``: an :class:`LMSelector`, or a :class:`RetrieverSelector` for ``selector.kind: retriever``.
 
     Raises:
         ModelLoadError: a base model cannot be loaded.
@@ -206,7 +206,7 @@ def load_trained(run_dir: str | Path, device: str | None = None, index=None):
     retriever selector re-retrieves from, see :func:`load_retriever_selector`).
 
     Returns:
-        ``(RunConfig, LMSelector, LMGenerator)``.
+        ``(RunConfig, selector, LMGenerator)``, the selector of the run's kind (:func:`build_models`).
 
     Raises:
         DROError: ``run_dir`` is not a run folder. ModelLoadError: a base model cannot be loaded.

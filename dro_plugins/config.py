@@ -22,7 +22,8 @@ MINILM = "all-MiniLM-L6-v2"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no key takes an infinite or NaN number (a learning rate or temperature of .inf would run and train nothing)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraConfig(_Section):

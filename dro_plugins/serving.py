@@ -9,32 +9,45 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from dro_plugins.build import load_trained_selector
 from dro_plugins.data.examples import Example, Passage
+from dro_plugins.distributed.device import resolve_device
+from dro_plugins.errors import DROError
 from dro_plugins.modeling.loading import load_pretrained
 from dro_plugins.modeling.permutation import parse_permutation
-from dro_plugins.training.run_folder import RunPaths
-from dro_plugins.build import load_trained_selector
-from dro_plugins.distributed.device import resolve_device
 from dro_plugins.selectors.lm import LMSelector
+from dro_plugins.selectors.retriever import RetrieverSelector
+from dro_plugins.training.run_folder import RunPaths
 
 DEFAULT_PASSAGE_WORDS = 100
 
 
-def load_selector(model: str, top_k: int, device: str | None = None, max_passage_words: int | None = None) -> LMSelector:
+def load_selector(
+    model: str, top_k: int, device: str | None = None, max_passage_words: int | None = None
+) -> LMSelector | RetrieverSelector:
     """A selector for inference from a ``dro optimize`` run folder or from a Hugging Face id/path.
+
+    A run folder of ``selector.kind: retriever`` gives its trained retriever, which orders the documents it is given
+    by its query tower's scores (``constrained`` makes no difference to it).
 
     Args:
         model: a run folder (has ``config.yaml``: its best selector adapter is loaded) or an HF id/local folder
             (a plain causal LM, used as it is).
         top_k: default k of :meth:`LMSelector.select`.
         device: "auto", "cpu", "cuda", "cuda:N"; None keeps the run's device (run folder) or "auto".
-        max_passage_words: passages are cut to this many words; None takes the run's setting (or 100).
+        max_passage_words: passages are cut to this many words (LM selectors); None takes the run's setting (or 100).
 
     Raises:
-        DROError: the folder is not a run folder it claims to be, or the model cannot be loaded.
+        DROError: the folder is not a run folder it claims to be, the model cannot be loaded, or
+            ``max_passage_words`` is given for a retriever run (its document tower reads passages as it was trained).
     """
     if RunPaths(Path(model)).config.is_file():
         selector = load_trained_selector(model, device)
+        if isinstance(selector, RetrieverSelector) and max_passage_words is not None:
+            raise DROError(
+                f"{model} is a retriever run: it embeds whole passages as its document tower was trained, so "
+                "max_passage_words does not apply; leave it unset"
+            )
         selector.top_k = top_k
         if max_passage_words is not None:
             selector.max_passage_words = max_passage_words
@@ -45,7 +58,7 @@ def load_selector(model: str, top_k: int, device: str | None = None, max_passage
 
 
 def select_or_fallback(
-    selector: LMSelector,
+    selector: LMSelector | RetrieverSelector,
     query: str,
     passages: Sequence[Passage],
     top_k: int,
@@ -60,7 +73,8 @@ def select_or_fallback(
         passages: the candidates, in first-stage order.
         top_k: how many to select; capped at ``len(passages)``.
         constrained: decode with the permutation grammar (always valid); False writes free text and parses it
-            with :func:`dro_plugins.modeling.permutation.parse_permutation`.
+            with :func:`dro_plugins.modeling.permutation.parse_permutation`. A selector that writes no text (the
+            retriever) ranks by its scores either way.
         max_new_tokens: longest free-text output, in tokens.
 
     Returns:
@@ -75,7 +89,7 @@ def select_or_fallback(
         return fallback, "the query is empty"
     example = Example(id="query", question=query, answers=("",), candidates=tuple(passages))
     try:
-        if constrained:
+        if constrained or not isinstance(selector, LMSelector):
             picked = list(selector.select([example], k)[0])
             text = str(picked)
         else:

@@ -259,3 +259,42 @@ def test_query_prefix_is_embedded_with_the_question(encoders):
     assert torch.allclose(scores, query @ documents[0].T / 0.05, atol=1e-4)
     plain = embed(selector.model.encoder, [batch[0].question])
     assert not torch.allclose(scores, plain @ documents[0].T / 0.05, atol=1e-2)
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_dro_selector_from_a_retriever_run_orders_documents_by_the_trained_retriever(tmp_path, constrained):
+    from haystack import Document
+
+    from dro_plugins.build import load_trained_selector
+    from dro_plugins.data.examples import Example
+    from dro_plugins.errors import DROError
+    from haystack_integrations.components.rankers.dro import DROSelector
+
+    tree = retriever_run(tmp_path)
+    make_trainer(tree).fit()
+    run = tree["output_dir"]
+    trained = load_trained_selector(run, "cpu")
+
+    def ranking(question):
+        with torch.no_grad():
+            scores, _ = trained.scores([Example("q", question.question, ("",), question.candidates)])
+        return scores[0].argsort(descending=True)[:2].tolist()
+
+    question = next(q for q in nq_questions(8, 6) if ranking(q) != [0, 1])  # a fallback to the input order would show
+    documents = [Document(id=p.id, content=p.text, meta={"title": p.title}) for p in question.candidates]
+    expected = [documents[i].id for i in ranking(question)]
+
+    component = DROSelector(model=run, top_k=2, device="cpu", constrained=constrained)
+    picked = [d.id for d in component.run(query=question.question, documents=documents)["documents"]]
+
+    assert picked == expected  # the retriever's own ranking, not the input order (nor a silent fallback)
+    with pytest.raises(DROError, match="max_passage_words does not apply"):
+        DROSelector(model=run, top_k=2, device="cpu", max_passage_words=10).warm_up()
+
+
+def test_out_of_memory_advice_names_only_keys_a_retriever_run_has(tmp_path):
+    from dro_plugins.training.session import memory_advice
+
+    advice = memory_advice(RunConfig.model_validate(retriever_run(tmp_path)))
+    assert "generator.gradient_checkpointing" in advice and "generator.max_passage_words" in advice
+    assert "selector.gradient_checkpointing" not in advice and "selector.max_passage_words" not in advice

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from dro_plugins.cli.main import app
 from dro_plugins.errors import DROError
-from dro_plugins.training.run_folder import MARKER, claim, is_run_entry, is_run_folder
+from dro_plugins.training.run_folder import MARKER, claim, is_run_entry, is_run_folder, locked
 from dro_plugins.data.examples import write_examples
 from dro_plugins.data.synthetic import make_dataset
 from tests.test_bad_inputs import _base_tree, finished_run  # noqa: F401 - the shared finished tiny run
@@ -78,3 +78,21 @@ def test_empty_output_dir_override_is_the_current_folder_and_is_refused(tmp_path
         assert "output_dir" in result.output and "Traceback" not in result.output
         assert value == "" or "current folder" in result.output  # '' parses as null: refused by the config itself
     assert {p.name: _sha(p) for p in tmp_path.iterdir()} == before
+
+
+def test_a_second_optimize_on_a_folder_in_use_is_refused_naming_the_holder(finished_run, tmp_path):
+    import os
+    import socket
+
+    shutil.copytree(finished_run, tmp_path / "work")
+    root = tmp_path / "work"
+    (root / "config.yaml").write_text(yaml.safe_dump(_base_tree(root)))
+    before = _sha(root / "run" / "report.json")
+    with locked(root / "run"):  # as a running dro optimize holds it
+        result = CliRunner().invoke(app, ["optimize", str(root / "config.yaml"), "--restart"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "in use by another dro optimize" in text and f"pid {os.getpid()} on {socket.gethostname()}" in text
+    assert _sha(root / "run" / "report.json") == before, "--restart must not delete a folder another run writes"
+    with locked(root / "run"):  # released on exit: it can be taken again
+        pass

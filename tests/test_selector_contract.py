@@ -1,4 +1,4 @@
-"""The contract every selector kind keeps (DESIGN.md §4), run over the LM selector and the retriever selector:
+"""The contract every selector kind keeps (:class:`dro_plugins.selectors.base.Selector`), run over the LM selector and the retriever selector:
 samples are exact draws of the distribution ``log_prob`` computes, at any temperature, seeded per question."""
 
 from __future__ import annotations

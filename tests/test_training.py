@@ -106,7 +106,7 @@ def test_out_of_memory_becomes_one_line_naming_the_settings(small_run, monkeypat
 def test_a_question_over_the_token_budget_runs_alone_with_one_warning(small_run):
     trainer = small_run(dro={"batch_size": 4, "max_tokens_per_microbatch": 10})
     lines = []
-    trainer.log = lines.append
+    trainer.session.log = lines.append
     trainer.fit()
     warnings = [line for line in lines if "runs alone" in line]
     assert warnings and all("dro.max_tokens_per_microbatch (10)" in line for line in warnings)

@@ -54,8 +54,9 @@ class DROSelector:
             top_k: documents returned; ``run(top_k=...)`` overrides it.
             device: "auto", "cpu", "cuda" or "cuda:N"; None keeps the run's device setting (run folder) or "auto".
             max_passage_words: each document is cut to this many words in the selector prompt; None takes the
-                run's setting (100 for an HF model).
-            constrained: constrained decoding (always a valid selection); False parses free text.
+                run's setting (100 for an HF model). Refused for a retriever run, which embeds whole documents.
+            constrained: constrained decoding (always a valid selection); False parses free text. A retriever
+                run orders the documents by its trained query tower's scores either way.
             max_new_tokens: longest free-text output (``constrained=False``), in tokens.
 
         Raises:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections.abc import Sequence
 
 from dro_plugins.data.examples import Passage
@@ -17,8 +18,12 @@ _PUNCTUATION = set(string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-case, remove punctuation and articles, and fold whitespace (SQuAD v1.1)."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    """NFKC-normalise, lower-case, remove punctuation and articles, and fold whitespace (SQuAD v1.1 plus NFKC).
+
+    NFKC first (SQuAD's script does none): a decomposed "é" (NFD) and a composed one compare equal, and so do
+    compatibility forms such as full-width digits.
+    """
+    text = "".join(ch for ch in unicodedata.normalize("NFKC", text).lower() if ch not in _PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 

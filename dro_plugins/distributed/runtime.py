@@ -44,6 +44,11 @@ class Sync:
     active: bool = False
     device: torch.device | None = None
 
+    @property
+    def generate_options(self) -> dict:
+        """Keyword arguments for transformers' ``generate``: in lockstep each process decodes until all are done."""
+        return {"synced_gpus": self.active}
+
     def all_done(self, done: bool) -> bool:
         """``done`` itself with one process or without lockstep; in lockstep, whether every process is done (one
         all-reduce per decoding step, as transformers' ``generate(synced_gpus=True)``): a process that is done keeps

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dro_plugins.distributed.runtime import NO_SYNC, Sync
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -58,7 +59,7 @@ def greedy_generate(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     stop_ids: Sequence[int] | None = None,
-    synced: bool = False,
+    sync: Sync = NO_SYNC,
 ) -> list[str]:
     """Greedy continuations of left-padded prompts, decoded without special tokens and stripped.
 
@@ -66,7 +67,7 @@ def greedy_generate(
         prompts: N prompt token-id lists.
         max_new_tokens: longest continuation, in tokens.
         stop_ids: token ids that end a continuation; ``tokenizer.eos_token_id`` when None.
-        synced: processes run in lockstep (``Sync.active``): each keeps decoding until every one is done.
+        sync: lockstep (``Runtime.sync``): each process keeps decoding until every one is done.
     """
     was_training = model.training
     model.eval()
@@ -78,7 +79,7 @@ def greedy_generate(
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=list(stop_ids) if stop_ids else tokenizer.eos_token_id,
-        synced_gpus=synced,
+        **sync.generate_options,
     )
     model.train(was_training)
     return [text.strip() for text in tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)]

@@ -188,5 +188,5 @@ class LMGenerator:
         """
         self.activate()
         prompts = [self.prompt_ids(ex, perm) for ex, perm in zip(batch, permutations)]
-        texts = greedy_generate(self.model, self.tokenizer, prompts, self.max_new_tokens, self.stop_ids, self.sync.active)
+        texts = greedy_generate(self.model, self.tokenizer, prompts, self.max_new_tokens, self.stop_ids, self.sync)
         return [self.chat.strip(text) for text in texts]

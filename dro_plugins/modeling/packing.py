@@ -1,7 +1,7 @@
 """Shared-prefix packing: one prompt and its m continuations in ONE row, ``[prompt][z_1][z_2]...[z_m]``.
 
 The prompt is computed once and keeps one copy of its activations; no key/value cache is needed, so the
-same row works under gradient checkpointing (DESIGN.md §8). A 4-D attention mask lets each continuation see
+same row works under gradient checkpointing. A 4-D attention mask lets each continuation see
 the prompt and its own earlier tokens only, and position ids restart at the prompt's length for each
 continuation, so every continuation is scored exactly as if it followed the prompt alone (equal to separate
 scoring up to float rounding; checked in ``tests/test_packing.py``).

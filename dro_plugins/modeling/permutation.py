@@ -7,7 +7,7 @@ label tables, ``[i]`` for the first pick and ``" > [i]"`` (separator included) f
 construction that their concatenations are the tokenizer's own encodings. Decoding is constrained by a
 :class:`DecodingState`: at each step only tokens that continue a label of an unused candidate are allowed. Sampling
 and scoring replay the same states, so ``log p_S(z | x)`` is the log-probability of exactly the distribution that
-was sampled (DESIGN.md §1).
+was sampled (the E-step's importance weights, paper Eq. 7, assume it).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The EM loop (:mod:`dro_plugins.training.trainer`), checkpoints and serving see o
 :class:`dro_plugins.selectors.lm.LMSelector` (the paper's generative list-wise selector, a causal LM with LoRA)
 and :class:`dro_plugins.selectors.retriever.RetrieverSelector` (a bi-encoder retriever with a Plackett-Luce
 distribution over its scores). DRO's E- and M-steps need only an exact, differentiable ``log p(z | x)`` and exact
-samples from it (DESIGN.md §4), which both give.
+samples from it (paper Eq. 7 and 10), which both give.
 """
 
 from __future__ import annotations

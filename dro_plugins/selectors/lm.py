@@ -3,7 +3,7 @@
 Decoding is constrained by :mod:`dro_plugins.modeling.permutation`, so every sample is a valid permutation by
 construction, and :meth:`LMSelector.log_prob` scores with the same masks and temperature.
 
-Both paths share each question's prompt across its m permutations (DESIGN.md §8): sampling prefills the prompt
+Both paths share each question's prompt across its m permutations (one copy of its compute and memory): sampling prefills the prompt
 once and the m samples extend one cache, each seeing only the prompt and itself; ``log_prob`` packs
 ``[prompt][z_1]...[z_m]`` into one row (:mod:`dro_plugins.modeling.packing`). Draws use Gumbel-max noise seeded per
 question (from the seed and the question id), so a question's samples do not depend on which questions share
@@ -184,7 +184,7 @@ class LMSelector:
         """
         self.activate()
         prompts = [self.prompt_ids(ex, k or self.top_k) for ex in batch]
-        return greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens, synced=self.sync.active)
+        return greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens, sync=self.sync)
 
     def log_prob(self, batch: Sequence[Example], permutations: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Differentiable log p_S(z | x) of given permutations under the constrained distribution.

@@ -4,6 +4,7 @@
 Layout::
 
     .dro-run             marker: this folder is a run folder (written when a run claims it)
+    .dro-lock            held (flock) by the dro optimize that writes the folder: one run per folder
     config.yaml          the resolved run config
     metrics.jsonl        one line per EM iteration (iteration 0 = before DRO)
     report.json          best validation metrics and the per-iteration history
@@ -36,11 +37,14 @@ beside the run survive). A folder is refused as ``output_dir`` when
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +52,7 @@ from dro_plugins.errors import DROError
 from dro_plugins.files import atomic_write_text
 
 MARKER = ".dro-run"
+LOCK = ".dro-lock"
 EVALUATION_PREFIX = "evaluation_"
 
 
@@ -60,6 +65,10 @@ class RunPaths:
     @property
     def marker(self) -> Path:
         return self.root / MARKER
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
 
     @property
     def config(self) -> Path:
@@ -132,7 +141,7 @@ class RunPaths:
     @property
     def entries(self) -> frozenset[str]:
         """Names a run writes directly under its folder."""
-        top = [self.marker, self.config, self.metrics, self.report, self.checkpoint, self.samples, self.index,
+        top = [self.marker, self.lock, self.config, self.metrics, self.report, self.checkpoint, self.samples, self.index,
                self.plots, self.tensorboard, self.wandb, self.generator_model, self.pipeline, self.error_log,
                self.attribution(0).parent, self.tiny_base("selector").parent, self.adapter("selector"), self.adapter("generator")]
         names = {path.relative_to(self.root).parts[0] for path in top}
@@ -198,6 +207,28 @@ def is_run_folder(root: Path) -> bool:
     return paths.config.is_file() and not foreign_entries(root)
 
 
+def check(root: Path, inputs: Iterable[Path]) -> None:
+    """Refuse ``root`` as a run folder (see the module docstring) without writing anything.
+
+    Raises:
+        DROError: naming the reason and the fix.
+    """
+    root = Path(root)
+    check_output_dir(root, inputs)
+    if root.exists() and not root.is_dir():
+        raise DROError(f"output_dir {root} is a file, not a folder; set output_dir to a new folder")
+    blocking = next((p for p in root.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DROError(f"output_dir {root} is below {blocking}, which is a file, not a folder; set output_dir to a new folder")
+    if root.is_dir() and any(entry.name != LOCK for entry in root.iterdir()) and not is_run_folder(root):
+        names = foreign_entries(root)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise DROError(
+            f"output_dir {root} is not empty and holds files no dro run wrote ({shown}); set output_dir to a new or "
+            "empty folder"
+        )
+
+
 def claim(root: Path, inputs: Iterable[Path], restart: bool) -> None:
     """Make ``root`` this run's folder: check it may be written, clear it on ``restart``, write the marker.
 
@@ -208,22 +239,10 @@ def claim(root: Path, inputs: Iterable[Path], restart: bool) -> None:
         DROError: ``root`` is refused (see the module docstring) or is a file.
     """
     root = Path(root)
-    check_output_dir(root, inputs)
-    if root.exists() and not root.is_dir():
-        raise DROError(f"output_dir {root} is a file, not a folder; set output_dir to a new folder")
-    blocking = next((p for p in root.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise DROError(f"output_dir {root} is below {blocking}, which is a file, not a folder; set output_dir to a new folder")
-    if root.is_dir() and any(root.iterdir()) and not is_run_folder(root):
-        names = foreign_entries(root)
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise DROError(
-            f"output_dir {root} is not empty and holds files no dro run wrote ({shown}); set output_dir to a new or "
-            "empty folder"
-        )
+    check(root, inputs)
     if restart and root.is_dir():
         for entry in root.iterdir():
-            if not is_run_entry(entry.name):
+            if not is_run_entry(entry.name) or entry.name == LOCK:  # the lock stays: this run holds it
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -266,6 +285,22 @@ def changed_keys(wanted: dict, saved: dict) -> list[str]:
     return changed + [s for s in wanted if not isinstance(wanted[s], dict) and wanted[s] != saved.get(s)]
 
 
+@contextmanager
+def opened(config, config_path: Path | None, restart: bool, log) -> Iterator[None]:
+    """Hold ``config.output_dir`` for a run: refuse it (:func:`check`, nothing written), take its lock
+    (:func:`locked`), then claim it (:func:`prepare`); the lock is held until the block ends.
+
+    Raises:
+        DROError: as :func:`check`, :func:`locked` and :func:`prepare`.
+    """
+    check(Path(config.output_dir), config_inputs(config, config_path))
+    with locked(Path(config.output_dir)):
+        line = prepare(config, config_path, restart)
+        if line:
+            log(line)
+        yield
+
+
 def prepare(config, config_path: Path | None, restart: bool) -> str:
     """Claim ``config.output_dir`` for this run (:func:`claim`) and say whether the run starts, starts over or resumes.
 
@@ -299,3 +334,31 @@ def prepare(config, config_path: Path | None, restart: bool) -> str:
     if find_checkpoint(paths.checkpoint) is not None:
         return f"resuming the run in {paths.root}"
     return f"starting over in {paths.root}: the run there stopped before its first checkpoint"
+
+
+@contextmanager
+def locked(root: Path) -> Iterator[None]:
+    """Hold the run folder's exclusive lock (``fcntl.flock`` on ``.dro-lock``) for the enclosed block.
+
+    The kernel releases it when the process ends, however it ends, so a killed run never leaves a stale lock.
+
+    Raises:
+        DROError: another process holds it (the message names its pid and host).
+    """
+    path = RunPaths(Path(root)).lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 200).decode("utf-8", "replace").strip() or "unknown"
+            raise DROError(
+                f"output_dir {root} is in use by another dro optimize ({holder}); wait for it to finish, stop it, or "
+                "set output_dir to another folder"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield
+    finally:
+        os.close(descriptor)

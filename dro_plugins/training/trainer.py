@@ -64,7 +64,7 @@ class DROTrainer:
     ):
         self.config = config
         self.session = Session(config, selector, generator, runtime or Runtime(), log, track)
-        self.runtime = self.session.runtime
+        self.runtime, self.selector, self.generator = self.session.runtime, selector, generator
         self.train_set, self.validation = list(train), list(validation)
         self.paths = RunPaths(Path(run_dir))
         self.units = self.session.units
