@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dro_plugins.evaluation.attribution import CLASSES
-from dro_plugins.config import RunConfig, load_config
+from dro_plugins.config import RunConfig, config_keys, load_config
 from dro_plugins.data.examples import load_run_data
 from dro_plugins.errors import DROError
 from dro_plugins.reporting.progress import no_progress
@@ -39,6 +39,13 @@ console = Console(stderr=True)
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config value, e.g. --set dro.num_samples=4 (repeatable)."),
+]
+TrustOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-run-code",
+        help="Let the run folder's config run code (a LlamaIndex factory, trust_remote_code). Off: a run folder that asks for it is refused; only pass it for a run you or someone you trust wrote.",
+    ),
 ]
 
 
@@ -310,6 +317,7 @@ def evaluate(
     data: Annotated[Path, typer.Option("--data", help="Question file to score, in the ../shared/data format.")],
     max_examples: Annotated[int | None, typer.Option(help="Score at most this many questions.")] = None,
     device: Annotated[str | None, typer.Option(help="Override the run's device, e.g. cpu.")] = None,
+    trust_run_code: TrustOption = False,
 ):
     """Score a trained run's best selector and generator on another question file (EM, F1, recall@k)."""
     _quiet_libraries()
@@ -319,7 +327,9 @@ def evaluate(
     try:
         config = saved_config(run_dir, device)
         with _progress() as progress:
-            result = run_evaluate(run_dir, data, max_examples=max_examples, device=device, progress=_tracker(progress))
+            result = run_evaluate(
+                run_dir, data, max_examples=max_examples, device=device, progress=_tracker(progress), trust_run_code=trust_run_code
+            )
     except Exception:  # noqa: BLE001 - reported as one line by _reported
         with _reported(Path(run_dir)):
             raise
@@ -363,12 +373,13 @@ def inspect(
     question: Annotated[str, typer.Option("--question", help="A question id of the run's training or validation file.")],
     iteration: Annotated[int | None, typer.Option(help="E-step iteration to show. Default: the best iteration.")] = None,
     device: Annotated[str | None, typer.Option(help="Override the run's device, e.g. cpu.")] = None,
+    trust_run_code: TrustOption = False,
 ):
     """One question through every stage: its candidates (which hold the answer), the m permutations sampled at an
     iteration with their importance weights and generator log-likelihoods, the best iteration's greedy selection,
     and the generator's answer."""
     _quiet_libraries()
-    from dro_plugins.build import load_trained, saved_config
+    from dro_plugins.build import load_trained, refuse_run_code, saved_config
     from dro_plugins.cli.inspection import find_question, pick_iteration, samples_of, view
     from dro_plugins.pipeline import attach_candidates, dense_index, open_pipeline, resolved_config, use_pipeline_prompts
 
@@ -377,9 +388,10 @@ def inspect(
         example, split = find_question(saved_config(run_dir), question)  # before loading models: fail fast
         shown = pick_iteration(run_dir, iteration)
         config = saved_config(run_dir, device)
+        refuse_run_code(config, run_dir, trust_run_code)  # before the pipeline is opened: a factory is code
         pipeline = open_pipeline(config) if config.pipeline is not None else None
         config = resolved_config(config, pipeline)
-        _, selector, generator = load_trained(run_dir, device, index=dense_index(config, pipeline))
+        _, selector, generator = load_trained(run_dir, device, index=dense_index(config, pipeline), trust_run_code=trust_run_code)
         if pipeline is not None:
             example = attach_candidates([example], pipeline, config.data.num_candidates, config.selector.top_k)[0]
             use_pipeline_prompts(pipeline, generator)
@@ -391,31 +403,6 @@ def inspect(
         with _reported():
             raise
     console.print(view(example, split, shown, samples, selected, answer))
-
-
-def config_keys(model: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every field of the run config, sections expanded."""
-    from typing import get_args
-
-    from pydantic import BaseModel
-
-    from dro_plugins.config import SELECTOR_KINDS
-
-    rows = []
-    for name, field in model.model_fields.items():
-        if model is RunConfig and name == "selector":  # one section per kind; a key of another kind is marked with it
-            first, *others = SELECTOR_KINDS.items()
-            rows += (shown := config_keys(first[1], f"{prefix}{name}."))
-            for kind, section in others:
-                rows += [(f"{k} ({kind})", d, m) for k, d, m in config_keys(section, f"{prefix}{name}.") if (k, d, m) not in shown]
-            continue
-        sections = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)]
-        if sections:  # a section, or an optional one such as pipeline
-            rows += config_keys(sections[0], f"{prefix}{name}.")
-            continue
-        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        rows.append((prefix + name, default, field.description or ""))
-    return rows
 
 
 @app.command("config")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-from dro_plugins.build import build_models, load_trained, saved_config
+from dro_plugins.build import build_models, load_trained, refuse_run_code, saved_config
 from dro_plugins.config import RunConfig, load_config
 from dro_plugins.data.examples import load_examples, load_run_data
 from dro_plugins.distributed.runtime import Runtime
@@ -98,6 +98,7 @@ def evaluate(
     max_examples: int | None = None,
     device: str | None = None,
     progress: Track | None = None,
+    trust_run_code: bool = False,
 ) -> dict:
     """Score a run's best selector and generator on a question file and write ``evaluation_<name>.json`` beside it.
 
@@ -105,6 +106,8 @@ def evaluate(
         run_dir: a run folder written by :func:`optimize`.
         data: questions in the ``../shared/data`` format (with candidates, unless the run has a pipeline).
         device: override the run's device, e.g. "cpu".
+        trust_run_code: let the run's config run code (a LlamaIndex factory, ``trust_remote_code``); off, a run
+            folder that asks for it is refused (:func:`dro_plugins.build.refuse_run_code`).
 
     Returns:
         ``{"data", "em", "f1", "recall", "attribution", "predictions", ...}``
@@ -115,9 +118,10 @@ def evaluate(
     """
     track = progress or no_progress
     config = saved_config(run_dir, device)
+    refuse_run_code(config, run_dir, trust_run_code)  # before the pipeline is opened: a factory is code
     pipeline = open_pipeline(config) if config.pipeline is not None else None
     config = resolved_config(config, pipeline)
-    _, selector, generator = load_trained(run_dir, device, index=dense_index(config, pipeline))
+    _, selector, generator = load_trained(run_dir, device, index=dense_index(config, pipeline), trust_run_code=trust_run_code)
     examples = load_examples(data, config.data.num_candidates, config.selector.top_k, max_examples, pipeline is None)
     if pipeline is not None:
         examples = attach_candidates(examples, pipeline, config.data.num_candidates, config.selector.top_k, track)

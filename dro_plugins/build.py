@@ -197,11 +197,45 @@ def saved_config(run_dir: str | Path, device: str | None = None) -> RunConfig:
         raise DROError(f"{run_dir}: not a run folder (no config.yaml); pass the output_dir of dro optimize")
     config = load_config(paths.config)
     if device is not None:
-        config.device = device
+        try:
+            config.device = device
+        except ValueError:  # pydantic's ValidationError
+            raise DROError(f"--device: '{device[:40]}' is not a device; use auto, cpu, cuda or cuda:N") from None
     return config
 
 
-def load_trained(run_dir: str | Path, device: str | None = None, index=None):
+def run_code_requests(config: RunConfig, roles: tuple[str, ...] = ROLES, pipeline: bool = True) -> list[str]:
+    """What in a run's config would run code when the run is loaded: ``trust_remote_code`` on the models of
+    ``roles``; with ``pipeline``, a LlamaIndex factory and extra modules a Haystack pipeline may import."""
+    asks = []
+    if pipeline and config.pipeline is not None and config.pipeline.llama_index is not None:
+        asks.append(f"pipeline.llama_index imports and runs {config.pipeline.llama_index}")
+    if pipeline and config.pipeline is not None and config.pipeline.allowed_modules:
+        asks.append(f"pipeline.allowed_modules lets the pipeline import {', '.join(config.pipeline.allowed_modules)}")
+    asks += [f"{role}.trust_remote_code runs the code of {getattr(config, role).model}" for role in roles if getattr(getattr(config, role), "trust_remote_code", False)]
+    return asks
+
+
+def refuse_run_code(config: RunConfig, run_dir: str | Path, trust_run_code: bool, roles: tuple[str, ...] = ROLES, pipeline: bool = True) -> None:
+    """A run folder received from elsewhere runs no code unless its user says so (as Haystack's deserialization
+    allowlist does).
+
+    Args:
+        roles, pipeline: what the caller loads (:func:`run_code_requests`).
+
+    Raises:
+        DROError: the run's config asks to run code and ``trust_run_code`` is off; the message says what it asks
+            and the flag that allows it.
+    """
+    asks = run_code_requests(config, roles, pipeline)
+    if asks and not trust_run_code:
+        raise DROError(
+            f"{run_dir} asks to run code when loaded ({'; '.join(asks)}); if you trust where this run folder comes "
+            "from, pass --trust-run-code (trust_run_code=True in Python)"
+        )
+
+
+def load_trained(run_dir: str | Path, device: str | None = None, index=None, trust_run_code: bool = False):
     """The best selector and generator of a finished (or interrupted) run, for inference (``index``: where a
     retriever selector re-retrieves from, see :func:`load_retriever_selector`).
 
@@ -209,20 +243,24 @@ def load_trained(run_dir: str | Path, device: str | None = None, index=None):
         ``(RunConfig, selector, LMGenerator)``, the selector of the run's kind (:func:`build_models`).
 
     Raises:
-        DROError: ``run_dir`` is not a run folder. ModelLoadError: a base model cannot be loaded.
+        DROError: ``run_dir`` is not a run folder, or asks to run code (:func:`refuse_run_code`). ModelLoadError: a
+            base model cannot be loaded.
     """
     config = saved_config(run_dir, device)
+    refuse_run_code(config, run_dir, trust_run_code, pipeline=False)  # the models only; a caller opening the pipeline checks it
     selector, generator = build_models(config, Path(run_dir), adapters=Path(run_dir), trainable=False, index=index)
     return config, selector, generator
 
 
-def load_trained_selector(run_dir: str | Path, device: str | None = None) -> LMSelector | RetrieverSelector:
+def load_trained_selector(run_dir: str | Path, device: str | None = None, trust_run_code: bool = False) -> LMSelector | RetrieverSelector:
     """The best selector of a run, for inference (the generator is not loaded).
 
     Raises:
-        DROError: ``run_dir`` is not a run folder. ModelLoadError: the base model cannot be loaded.
+        DROError: ``run_dir`` is not a run folder, or asks to run code (:func:`refuse_run_code`). ModelLoadError:
+            the base model cannot be loaded.
     """
     config = saved_config(run_dir, device)
+    refuse_run_code(config, run_dir, trust_run_code, roles=("selector",), pipeline=False)
     if config.selector.kind == "retriever":
         return load_retriever_selector(config, Path(run_dir), adapters=Path(run_dir))
     return make_selector(config, *load_model(config, "selector", Path(run_dir), adapters=Path(run_dir), trainable=False))

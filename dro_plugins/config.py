@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
@@ -285,15 +285,30 @@ class RunConfig(_Section):
         return self
 
 
-def _field_names(model: type[BaseModel], prefix: str = "") -> list[str]:
-    names = []
+def config_keys(model: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field of the run config, sections expanded."""
+    rows = []
     for name, field in model.model_fields.items():
-        names.append(prefix + name)
-        kinds = SELECTOR_KINDS.values() if model is RunConfig and name == "selector" else [field.annotation]
-        for annotation in kinds:
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                names += [n for n in _field_names(annotation, prefix + name + ".") if n not in names]
-    return names
+        if model is RunConfig and name == "selector":  # one section per kind; a key of another kind is marked with it
+            first, *others = SELECTOR_KINDS.items()
+            rows += (shown := config_keys(first[1], f"{prefix}{name}."))
+            for kind, section in others:
+                rows += [(f"{k} ({kind})", d, m) for k, d, m in config_keys(section, f"{prefix}{name}.") if (k, d, m) not in shown]
+            continue
+        sections = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if sections:  # a section, or an optional one such as pipeline
+            rows += config_keys(sections[0], f"{prefix}{name}.")
+            continue
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        rows.append((prefix + name, default, field.description or ""))
+    return rows
+
+
+def _field_names(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key under ``model`` and the sections holding them (what a did-you-mean compares against)."""
+    keys = [key.split(" (")[0] for key, _, _ in config_keys(model, prefix)]
+    sections = [".".join(key.split(".")[:depth]) for key in keys for depth in range(1, key.count(".") + 1)]
+    return list(dict.fromkeys(sections + keys))
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -138,6 +138,10 @@ CASES = [
     ("evaluate data missing", {"evaluate": "missing-data"}, "evaluate", 2, ["file not found"]),
     ("evaluate data not utf-8", {"evaluate": "latin-1-data"}, "evaluate", 2, ["UTF-8"]),
     ("evaluate damaged run config", {"evaluate": "damage-config"}, "evaluate", 2, ["config.yaml"]),
+    ("evaluate a received run with a factory", {"evaluate": "factory"}, "evaluate", 2, ["asks to run code", "evil.py:build", "--trust-run-code"]),
+    ("inspect a received run with a factory", {"evaluate": "factory", "command": "inspect"}, "inspect", 2, ["asks to run code", "--trust-run-code"]),
+    ("evaluate a received run trusting remote code", {"evaluate": "remote-code"}, "evaluate", 2, ["selector.trust_remote_code", "--trust-run-code"]),
+    ("evaluate --device tpu", {"evaluate": "device"}, "evaluate", 2, ["device"]),
     # ---- pipelines
     config_case("haystack yaml missing", "pipeline", {"haystack": "missing.yaml"}, ["missing.yaml", "file not found"]),
     ("haystack yaml broken", {"pipeline_file": ("rag.yaml", "components: [1, 2]\n", {"haystack": "rag.yaml"})}, "validate", 2, ["refuses to load"]),
@@ -246,6 +250,19 @@ def _prepare(case: dict, root: Path, finished: Path, tiny_model_dir: Path) -> li
             data = root / "missing.jsonl"
         elif kind == "latin-1-data":
             data.write_bytes("{\"question\": \"caf\u00e9\"}\n".encode("latin-1"))
+        elif kind in ("factory", "remote-code"):
+            # the factory would leave a file behind: the hash check after the command sees any new file
+            (root / "evil.py").write_text("from pathlib import Path\ndef build():\n    Path(__file__).with_name('ran.txt').write_text('x')\n")
+            saved = yaml.safe_load((run / "config.yaml").read_text())
+            if kind == "factory":
+                saved["pipeline"] = {"llama_index": f"{root / 'evil.py'}:build"}
+            else:
+                saved["selector"]["trust_remote_code"] = True
+            (run / "config.yaml").write_text(yaml.safe_dump(saved))
+            if case.get("command") == "inspect":
+                return [str(run), "--question", "q1"]
+        elif kind == "device":
+            return [str(run), "--data", str(data), "--device", "tpu"]
         else:
             (run / "config.yaml").write_text("data: {train: x.jsonl\n")
         return [str(run), "--data", str(data)]
