@@ -82,7 +82,7 @@ class ModelConfig(_Section):
     )
 
 
-class SelectorConfig(ModelConfig):
+class LMSelectorConfig(ModelConfig):
     """The list-wise selector p_S(z | x) (paper §4): a causal LM that writes a ranking (``kind: lm``, the default)."""
 
     kind: Literal["lm"] = Field("lm", description="'lm' (a causal LM writes the top-k, the paper's selector) or 'retriever'.")
@@ -129,9 +129,11 @@ def _selector_kind(value: Any) -> str:
     return value.get("kind", "lm") if isinstance(value, dict) else getattr(value, "kind", "lm")
 
 
-SELECTOR_KINDS = {"lm": SelectorConfig, "retriever": RetrieverSelectorConfig}
+SelectorConfig = LMSelectorConfig  # its name before the retriever kind existed
+
+SELECTOR_KINDS = {"lm": LMSelectorConfig, "retriever": RetrieverSelectorConfig}
 AnySelectorConfig = Annotated[
-    Union[Annotated[SelectorConfig, Tag("lm")], Annotated[RetrieverSelectorConfig, Tag("retriever")]],
+    Union[Annotated[LMSelectorConfig, Tag("lm")], Annotated[RetrieverSelectorConfig, Tag("retriever")]],
     Discriminator(_selector_kind, custom_error_type="selector_kind", custom_error_message="selector.kind must be 'lm' or 'retriever'"),
 ]
 

@@ -1,9 +1,12 @@
 """One short DRO run on synthetic data: what the M-step may and may not change, and NaN handling."""
 
+import json
 import random
 from dataclasses import replace
+
 import pytest
 import torch
+import yaml
 
 from dro_plugins.data.examples import write_examples
 from dro_plugins.errors import TrainingError
@@ -75,7 +78,7 @@ def test_nan_batches_are_skipped_then_abort(small_run, monkeypatch):
     assert report["history"][-1]["nan_batches"] == 1
 
     always = small_run(dro={"max_nan_batches": 2, "batch_size": 4, "train_selector": False})
-    monkeypatch.setattr(always.generator, "log_likelihood", lambda b, p: real(b, p) * float("nan"))
+    monkeypatch.setattr(always.generator, "log_likelihood", lambda b, p: real(b, p) * (float("nan") if torch.is_grad_enabled() else 1.0))
     with pytest.raises(TrainingError, match="NaN/inf for 2 batches in a row"):
         always.fit()
 
@@ -111,3 +114,36 @@ def test_a_question_over_the_token_budget_runs_alone_with_one_warning(small_run)
     warnings = [line for line in lines if "runs alone" in line]
     assert warnings and all("dro.max_tokens_per_microbatch (10)" in line for line in warnings)
     assert len(warnings) == len(set(warnings))  # once per question and role, not once per pass
+
+
+def test_a_whole_m_step_of_non_finite_losses_stops_the_run_and_a_lower_learning_rate_resumes_it(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dro_plugins.cli.main import app
+    from dro_plugins.modeling.generator import LMGenerator
+    from tests.test_bad_inputs import _base_tree
+
+    write_examples(make_dataset(8, 4, seed=1), tmp_path / "train.jsonl")
+    write_examples(make_dataset(4, 4, seed=2), tmp_path / "validation.jsonl")
+    tree = _base_tree(tmp_path)
+    tree["dro"] |= {"max_nan_batches": 100, "train_selector": False}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    real = LMGenerator.log_likelihood
+
+    def nan_when_training(self, batch, permutations):
+        values = real(self, batch, permutations)
+        return values * float("nan") if torch.is_grad_enabled() else values  # every M-step loss, nothing else
+
+    monkeypatch.setattr(LMGenerator, "log_likelihood", nan_when_training)
+    first = CliRunner().invoke(app, ["optimize", str(tmp_path / "config.yaml")])
+    assert first.exit_code == 2, first.output
+    assert "non-finite losses or weights after M-step 1" in " ".join(first.output.split())
+    assert not (tmp_path / "run" / "report.json").exists()
+
+    monkeypatch.setattr(LMGenerator, "log_likelihood", real)
+    again = CliRunner().invoke(app, ["optimize", str(tmp_path / "config.yaml"), "--set", "dro.learning_rate=5e-5"])
+    assert again.exit_code == 0, again.output
+    assert "resuming" in again.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert "NaN" not in (tmp_path / "run" / "report.json").read_text() and report["history"][-1]["iteration"] == 1
+    assert "learning_rate: 5.0e-05" in (tmp_path / "run" / "config.yaml").read_text()

@@ -36,6 +36,13 @@ def reshard(model) -> None:
             module.reshard()
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded tensor (``DTensor``; no communication); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def gathered(tensor: torch.Tensor) -> torch.Tensor:
     """A full tensor from a sharded one (``DTensor``; collective: every process calls it in the same order); any
     other tensor as it is."""

@@ -11,12 +11,13 @@ from contextlib import nullcontext
 import torch
 
 from dro_plugins.data.examples import Example
+from dro_plugins.distributed.fsdp import local
 from dro_plugins.errors import Interrupted, TrainingError
 from dro_plugins.faults import crash_point
 from dro_plugins.training.checkpoint import LoopState
 from dro_plugins.training.estep import Samples
 from dro_plugins.training.objective import generator_loss, selector_loss
-from dro_plugins.training.session import Session
+from dro_plugins.training.session import ROLES, Session
 
 
 def rng(*parts: int) -> torch.Generator:
@@ -91,6 +92,24 @@ def optimizer_step(
     return total
 
 
+def check_finite(session: Session, after: str, key: str, state: LoopState | None = None) -> None:
+    """Stop before a broken model is validated, checkpointed or published: a trained role whose steps were all
+    skipped as non-finite (``state.losses`` empty), or whose adapter holds a non-finite weight, on any process.
+
+    Raises:
+        TrainingError: naming the role, what came before, and the key to lower (a resume accepts the change).
+    """
+    roles = [role for role in ROLES if getattr(session.config.dro, f"train_{role}")]
+    broken = [role for role in roles if state is not None and not state.losses.get(role)]
+    broken += [role for role in roles if not all(bool(torch.isfinite(local(p)).all()) for p in session.units[role].parameters())]
+    broken = sorted(set(session.runtime.gather(broken)))
+    if broken:
+        raise TrainingError(
+            f"{' and '.join(broken)}: non-finite losses or weights after {after}; nothing was published. Lower {key} "
+            "and run the same command again: it resumes from the last checkpoint with the new value"
+        )
+
+
 def skip_non_finite(session: Session, role: str, state: LoopState | None) -> None:
     """Count a skipped non-finite step; abort after ``dro.max_nan_batches`` in a row.
 
@@ -104,7 +123,8 @@ def skip_non_finite(session: Session, role: str, state: LoopState | None) -> Non
     if session.consecutive_nan >= session.config.dro.max_nan_batches:
         raise TrainingError(
             f"{role} loss was NaN/inf for {session.consecutive_nan} batches in a row; "
-            "lower dro.learning_rate or check the data (dro.max_nan_batches sets this limit)"
+            "lower dro.learning_rate (running the same command again resumes with it) or check the data "
+            "(dro.max_nan_batches sets this limit)"
         )
 
 

@@ -275,8 +275,12 @@ def config_inputs(config, config_path: Path | None) -> list[Path]:
     return [Path(p) for p in paths if p is not None]
 
 
-# config keys a resume may change: the loop reads them afresh at every iteration
-RESUMABLE_CHANGES = ("dro.iterations",)
+# config keys a resume may change: more iterations, other learning rates (after a NaN stop), how work is split into
+# micro-batches and how patient early stopping is; the resumed run reads them from the new config
+RESUMABLE_CHANGES = (
+    "dro.iterations", "dro.learning_rate", "selector.learning_rate", "generator.learning_rate", "warmup.learning_rate",
+    "dro.max_nan_batches", "dro.max_tokens_per_microbatch", "dro.patience", "eval_batch_size", "report_to",
+)
 
 
 def changed_keys(wanted: dict, saved: dict) -> list[str]:

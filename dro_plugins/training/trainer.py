@@ -8,6 +8,7 @@ best units, report); the math in :mod:`.objective`; every path in :mod:`.run_fol
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -71,8 +72,7 @@ class DROTrainer:
         self._prepare()
         self.runtime.reshard(*(unit.model for unit in self.units.values()))
         self.optimizers = {  # after _prepare: sharding (FSDP2) replaces the parameters
-            role: mstep.adamw(unit, getattr(config, role).learning_rate or config.dro.learning_rate, config.dro.weight_decay)
-            for role, unit in self.units.items()
+            role: mstep.adamw(unit, self._learning_rate(role), config.dro.weight_decay) for role, unit in self.units.items()
         }
         self.reporter: Reporter = NoReporter()  # fit() opens config.report_to
 
@@ -92,6 +92,9 @@ class DROTrainer:
             if id(unit.model) not in wrapped:
                 wrapped[id(unit.model)] = self.runtime.prepare(unit.model)
             unit.prepared, unit.sync = wrapped[id(unit.model)], self.runtime.sync
+
+    def _learning_rate(self, role: str) -> float:
+        return getattr(self.config, role).learning_rate or self.config.dro.learning_rate
 
     @property
     def stop_requested(self) -> bool:
@@ -162,8 +165,12 @@ class DROTrainer:
         found = find_checkpoint(self.paths.checkpoint)
         if found is not None:
             state = load_checkpoint(found, self.units, self.optimizers)
+            for role, optimizer in self.optimizers.items():  # a resume may lower the learning rates (after a NaN stop)
+                for group, configured in zip(optimizer.param_groups, self.units[role].parameter_groups(self._learning_rate(role))):
+                    group["lr"] = configured["lr"]
             self.session.meters = {name: WorkMeter.from_dict(saved) for name, saved in state.throughput.items()}
             if self.runtime.is_main:
+                atomic_write_text(self.paths.config, dump_config(self.config))  # a resume may change some keys
                 records.rewrite_metrics(self.paths, state.history)
                 records.publish_best(self.paths, found, self._tokenizers())
             self.session.log(f"resuming at iteration {state.iteration}, phase {state.phase.replace('_', '-')}")
@@ -183,6 +190,7 @@ class DROTrainer:
         if warm.generator_steps or warm.selector_steps:
             self._record(state, 0, stage="before_warmup")
             self.warm_up()
+            mstep.check_finite(self.session, "the warm-up", "warmup.learning_rate")
         state.phase = "validate"
         self._checkpoint(state)
 
@@ -193,6 +201,7 @@ class DROTrainer:
         except Interrupted:
             self._checkpoint(state)  # the batches applied so far are kept
             raise
+        mstep.check_finite(self.session, f"M-step {state.iteration}", "dro.learning_rate", state)
 
     def validate(self) -> dict:
         """Greedy selection and answers on the validation set (each process its share), summarized over all."""
@@ -215,6 +224,8 @@ class DROTrainer:
         self.session.meters = {}
         throughput = {name: meters[name].summary() for name in WORKLOADS if name in meters}
         line = records.metrics_line(result, iteration, stage, state, e_step, throughput)
+        if any(math.isnan(line[key]) for key in records.METRIC_KEYS):  # never recorded, published or reported
+            raise TrainingError(f"validation after iteration {iteration} scored NaN; lower dro.learning_rate and run again (it resumes)")
         state.history.append(line)
         if self.runtime.is_main:
             records.write_records(self.paths, line, result["predictions"])
