@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import tempfile
 import time
 import traceback
@@ -345,14 +344,13 @@ def evaluate(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder written by dro optimize.")]):
     """Re-draw a run's plots/ from its metrics.jsonl and print the best iteration against iteration 0."""
-    from dro_plugins.reporting.plots import read_metrics
+    from dro_plugins.training.records import read_metrics, read_report
     from dro_plugins.build import saved_config
 
     try:
         config = saved_config(run_dir)
         history = read_metrics(run_dir)
-        paths = RunPaths(run_dir)
-        finished = json.loads(paths.report.read_text()) if paths.report.is_file() else None
+        finished = read_report(run_dir)
     except Exception:  # noqa: BLE001 - reported as one line by _reported
         with _reported():
             raise

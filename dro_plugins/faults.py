@@ -1,5 +1,6 @@
 """Deterministic crash points for the crash-safety tests: ``DRO_KILL_AT=name`` or ``name:n`` SIGKILLs the process
 the n-th time (default the first) the loop reaches the named point. Unset, a crash point does nothing.
+``DRO_KILL_SIGNAL`` (e.g. ``SIGTERM``) sends another signal instead, as a scheduler or ``docker stop`` would.
 
 Named points: ``tiny-model-written``, ``warmup``, ``e-step``, ``samples-written``, ``m-step``, ``validation``,
 ``metrics-appended``, ``checkpoint-written``, ``checkpoint-swap``, ``best-published``, ``report``.
@@ -24,4 +25,4 @@ def crash_point(name: str) -> None:
         return
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] >= int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("DRO_KILL_SIGNAL", "SIGKILL")))

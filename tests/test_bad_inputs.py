@@ -142,6 +142,10 @@ CASES = [
     ("inspect a received run with a factory", {"evaluate": "factory", "command": "inspect"}, "inspect", 2, ["asks to run code", "--trust-run-code"]),
     ("evaluate a received run trusting remote code", {"evaluate": "remote-code"}, "evaluate", 2, ["selector.trust_remote_code", "--trust-run-code"]),
     ("evaluate --device tpu", {"evaluate": "device"}, "evaluate", 2, ["device"]),
+    ("report while metrics.jsonl ends in a torn line", {"evaluate": "torn-metrics", "command": "report"}, "report", 0, ["best by"]),
+    ("report with a truncated report.json", {"evaluate": "torn-report", "command": "report"}, "report", 0, ["no report.json yet"]),
+    ("report with a damaged metrics line", {"evaluate": "damaged-metrics", "command": "report"}, "report", 2, ["metrics.jsonl:1", "damaged line"]),
+    ("inspect with a stray samples file", {"evaluate": "stray-samples", "command": "inspect"}, "inspect", 0, ["q"]),
     # ---- pipelines
     config_case("haystack yaml missing", "pipeline", {"haystack": "missing.yaml"}, ["missing.yaml", "file not found"]),
     ("haystack yaml broken", {"pipeline_file": ("rag.yaml", "components: [1, 2]\n", {"haystack": "rag.yaml"})}, "validate", 2, ["refuses to load"]),
@@ -259,12 +263,26 @@ def _prepare(case: dict, root: Path, finished: Path, tiny_model_dir: Path) -> li
             else:
                 saved["selector"]["trust_remote_code"] = True
             (run / "config.yaml").write_text(yaml.safe_dump(saved))
-            if case.get("command") == "inspect":
-                return [str(run), "--question", "q1"]
         elif kind == "device":
             return [str(run), "--data", str(data), "--device", "tpu"]
-        else:
+        elif kind in ("torn-metrics", "damaged-metrics"):
+            metrics = run / "metrics.jsonl"
+            lines = metrics.read_text().splitlines()
+            if kind == "torn-metrics":
+                metrics.write_text("\n".join(lines) + "\n" + lines[-1][: len(lines[-1]) // 2])
+            else:
+                metrics.write_text("\n".join([lines[0][:30], *lines[1:]]) + "\n")
+        elif kind == "torn-report":
+            (run / "report.json").write_text((run / "report.json").read_text()[:50])
+        elif kind == "stray-samples":
+            (run / "samples" / "iteration_final.jsonl").write_text("{}\n")
+        elif kind == "damage-config":
             (run / "config.yaml").write_text("data: {train: x.jsonl\n")
+        if case.get("command") == "report":
+            return [str(run)]
+        if case.get("command") == "inspect":
+            question = json.loads((run / "samples" / "iteration_001.jsonl").read_text().splitlines()[0])["id"]
+            return [str(run), "--question", question]
         return [str(run), "--data", str(data)]
     if "tiny_model" in case:
         folder = root / "tiny"

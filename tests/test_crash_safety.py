@@ -49,15 +49,17 @@ def _config(root):
     return tree
 
 
-def _optimize(root, name, kill_at=None):
+def _optimize(root, name, kill_at=None, kill_signal=None):
     import yaml
 
     tree = _config(root) | {"output_dir": str(root / name)}
     config = root / f"{name}.yaml"
     config.write_text(yaml.safe_dump(tree))
-    env = {k: v for k, v in os.environ.items() if k != "DRO_KILL_AT"} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRO_KILL")} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     if kill_at:
         env["DRO_KILL_AT"] = kill_at
+    if kill_signal:
+        env["DRO_KILL_SIGNAL"] = kill_signal
     command = [sys.executable, "-m", "dro_plugins.cli.main", "optimize", str(config)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
@@ -95,3 +97,19 @@ def test_killed_run_resumes_to_the_same_result(reference, kill_at):
     assert report == expected[0], kill_at
     assert adapters == expected[2], kill_at
     assert len({line["iteration"] for line in metrics if line["stage"] == "dro"}) == len([l for l in metrics if l["stage"] == "dro"])
+
+
+def test_sigterm_in_the_m_step_saves_the_batch_and_resumes_to_the_same_result(reference):
+    """SIGTERM (what schedulers, docker stop and timeout send) behaves as Ctrl-C: checkpoint after the batch, one
+    line saying how to resume, exit 130; the re-run reaches the uninterrupted result."""
+    root, expected = reference
+    stopped = _optimize(root, "sigterm", "m-step:3", kill_signal="SIGTERM")
+    assert stopped.returncode == 130, (stopped.returncode, stopped.stderr[-2000:])
+    output = " ".join(stopped.stdout.split())
+    assert "SIGTERM: stopping after this batch" in output and "checkpoint saved" in output and "resume with" in output
+    assert "Traceback" not in stopped.stdout + stopped.stderr
+    again = _optimize(root, "sigterm")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stdout
+    report, metrics, adapters = _result(root / "sigterm")
+    assert (report, metrics, adapters) == expected

@@ -9,26 +9,17 @@
 
 from __future__ import annotations
 
-import json
+import io
 from pathlib import Path
 
 from dro_plugins.evaluation.attribution import CLASSES
 from dro_plugins.errors import DROError
+from dro_plugins.faults import crash_point
+from dro_plugins.files import atomic_write_bytes
+from dro_plugins.training.records import read_metrics
 from dro_plugins.training.run_folder import RunPaths
 
 INSTALL_HINT = "pip install 'dro-plugins[report]' (matplotlib) to get them, then: dro report RUN"
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The metrics lines of a run folder.
-
-    Raises:
-        DROError: the folder has no ``metrics.jsonl``.
-    """
-    path = RunPaths(Path(run_dir)).metrics
-    if not path.is_file():
-        raise DROError(f"{run_dir}: no metrics.jsonl; pass the output_dir of a dro optimize run")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def pyplot():
@@ -48,10 +39,14 @@ def pyplot():
 
 
 def save_figure(figure, path: Path) -> Path:
-    """Write ``figure`` as a PNG at ``path``, release it, and return the path."""
+    """Write ``figure`` as a PNG at ``path`` atomically (a kill mid-write leaves the old file or none), release it,
+    and return the path."""
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
     pyplot().close(figure)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    crash_point("plot-written")
     return path
 
 

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from dro_plugins.config import DROConfig
+from dro_plugins.errors import DROError
 from dro_plugins.evaluation.attribution import question_ids
 from dro_plugins.faults import crash_point
 from dro_plugins.files import atomic_write_bytes, atomic_write_text
@@ -50,6 +51,36 @@ def write_records(paths: RunPaths, line: dict, predictions: list[dict]) -> None:
         out.flush()
         os.fsync(out.fileno())
     crash_point("metrics-appended")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The metrics lines of a run folder. A torn last line (a run killed mid-append, or one appending now) is left
+    out: it is rewritten from the checkpoint on resume.
+
+    Raises:
+        DROError: the folder has no ``metrics.jsonl``, or a line before the last is damaged.
+    """
+    path = RunPaths(Path(run_dir)).metrics
+    if not path.is_file():
+        raise DROError(f"{run_dir}: no metrics.jsonl; pass the output_dir of a dro optimize run")
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    parsed = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            parsed.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise DROError(f"{path}:{number}: damaged line; run dro optimize again on the run's config to rewrite it from its checkpoint") from None
+    return parsed
+
+
+def read_report(run_dir: Path) -> dict | None:
+    """``report.json`` of a finished run; None while the run has none (or is writing it)."""
+    path = RunPaths(Path(run_dir)).report
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
 
 def rewrite_metrics(paths: RunPaths, history: list[dict]) -> None:
