@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import tempfile
 import time
 import traceback
@@ -64,7 +65,17 @@ def _fail(message: str, code: int = 2):
 
 DEBUG = {"on": False}
 # errors of the file system a user fixes (permissions, a full disk, a file where a folder should be)
-USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+USER_OS_ERRORS = {
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+    errno.ENAMETOOLONG, errno.ELOOP,
+}
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "free disk space, then run again (it resumes)",
+    errno.EDQUOT: "free disk space, then run again (it resumes)",
+    errno.ENAMETOOLONG: "use a shorter file or folder name",
+    errno.ELOOP: "fix the symbolic link (it points to itself)",
+    errno.ENOTDIR: "a file stands where a folder is needed; pick another path",
+}
 
 
 @contextmanager
@@ -82,16 +93,30 @@ def _reported(log_folder: Path | None = None):
     except OSError as exc:
         if exc.errno not in USER_OS_ERRORS or DEBUG["on"]:
             raise
-        where = exc.filename or "the run folder"
-        _fail(f"cannot write {where}: {exc.strerror}; free disk space or fix the folder's permissions, then run again (it resumes)")
+        where = str(exc.filename or "the run folder")[:200]
+        fix = OS_ERROR_FIXES.get(exc.errno, "fix the folder's permissions, then run again (it resumes)")
+        _fail(f"cannot use {where}: {exc.strerror}; {fix}")
     except Exception as exc:  # noqa: BLE001 - anything else is our bug: one line, traceback in a log file
         if DEBUG["on"]:
             raise
-        folder = log_folder if log_folder is not None and log_folder.is_dir() else Path(tempfile.gettempdir())
-        log = RunPaths(folder).error_log
-        log.write_text(traceback.format_exc())
         message = " ".join(str(exc).split())[:200]
-        _fail(f"internal error ({type(exc).__name__}: {message}); the traceback is in {log}; please report it", code=1)
+        log = _write_error_log(log_folder, traceback.format_exc())
+        where = f"the traceback is in {log}" if log else "rerun with --debug for the traceback"
+        _fail(f"internal error ({type(exc).__name__}: {message}); {where}; please report it", code=1)
+
+
+def _write_error_log(folder: Path | None, text: str) -> Path | None:
+    """The traceback into the run folder (else the temp folder), never through a symbolic link or into a folder
+    standing at its name; None when it cannot be written."""
+    folder = folder if folder is not None and folder.is_dir() and not folder.is_symlink() else Path(tempfile.gettempdir())
+    log = RunPaths(folder).error_log
+    try:
+        descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return None
+    with os.fdopen(descriptor, "w") as out:
+        out.write(text)
+    return log
 
 
 def _version(value: bool) -> None:
@@ -314,7 +339,7 @@ def validate(
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by dro optimize.")],
     data: Annotated[Path, typer.Option("--data", help="Question file to score, in the ../shared/data format.")],
-    max_examples: Annotated[int | None, typer.Option(help="Score at most this many questions.")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Score at most this many questions.", min=1)] = None,
     device: Annotated[str | None, typer.Option(help="Override the run's device, e.g. cpu.")] = None,
     trust_run_code: TrustOption = False,
 ):
@@ -417,7 +442,7 @@ def config_help():
 @app.command("tiny-model")
 def tiny_model(
     folder: Annotated[Path, typer.Argument(help="Folder to write (created; must be empty or missing).")],
-    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights (0 to 2^32-1).", min=0, max=2**32 - 1)] = 0,
     tokenizer: Annotated[
         Path | None,
         typer.Option(help="A real tokenizer's folder (e.g. Llama 3's): use its vocabulary, special tokens and chat template."),

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from dro_plugins.errors import ConfigError
+from dro_plugins.files import why_not_a_file
 
 # Built-in tiny models. Llama layout only: transformers 5 forces its own Qwen2 tokenizer class on any folder whose
 # config says qwen2, which breaks the WordPiece tokenizer the tiny models use.
@@ -154,11 +155,17 @@ class GeneratorConfig(ModelConfig):
     )
 
 
+MAX_QUESTION_CHARS = 2000  # about 400 words: beyond the questions of any QA benchmark we use
+
+
 class DataConfig(_Section):
     train: Path = Field(..., description="Training questions, JSON lines in the ../shared/data format.")
     validation: Path = Field(..., description="Validation questions, same format; used for early stopping.")
     max_examples: int | None = Field(None, ge=1, description="Use at most this many questions from each file.")
     num_candidates: int = Field(20, ge=1, description="Use the first this many candidates of each question.")
+    max_question_chars: int = Field(
+        MAX_QUESTION_CHARS, ge=1, description="Refuse a question longer than this many characters (the file and line are named)."
+    )
 
 
 class PipelineConfig(_Section):
@@ -257,7 +264,7 @@ class RunConfig(_Section):
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     dro: DROConfig = Field(default_factory=DROConfig)
     output_dir: Path = Field(Path("runs/dro"), description="Run folder, relative to the current directory.")
-    seed: int = Field(0, description="Seed for model init, sampling, batch order and dropout.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed for model init, sampling, batch order and dropout (0 to 2^32-1).")
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="'auto' (CUDA with bf16 when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."
     )
@@ -355,11 +362,39 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key:
             raise ConfigError("--set", [f"'{item}' is not KEY=VALUE, e.g. dro.num_samples=4"])
         try:
-            value = yaml.safe_load(raw)
+            value = read_yaml(raw)
         except yaml.YAMLError:
             raise ConfigError("--set", [f"{key}: the value {raw!r} is not valid YAML; quote it, e.g. {key}='text'"]) from None
         _set_dotted(tree, key.strip(), value)
     return tree
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that lets each anchor be used at most once: an alias bomb (anchors of anchors, each
+    used many times) would otherwise expand to gigabytes. A run config has no use for aliases repeated."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            anchor = self.peek_event().anchor
+            self.aliases_used = getattr(self, "aliases_used", set())
+            if anchor in self.aliases_used:
+                raise yaml.YAMLError(f"the alias *{anchor[:40]} is used more than once; write the value out instead")
+            self.aliases_used.add(anchor)
+        return super().compose_node(parent, index)
+
+
+def read_yaml(text: str):
+    """Parse YAML with :class:`_BoundedLoader`.
+
+    Raises:
+        yaml.YAMLError: not YAML, an alias used twice, nesting too deep, or an integer too long to convert.
+    """
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deep") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise yaml.YAMLError(str(exc)[:120]) from None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -373,9 +408,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(str(path), ["file not found; pass the path of a run config YAML"])
+        raise ConfigError(str(path), [f"{why_not_a_file(path)}; pass the path of a run config YAML"])
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        tree = read_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), [f"not UTF-8 text (byte {exc.object[exc.start]:#x}); save the file as UTF-8"]) from None
     except yaml.YAMLError as exc:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 
+MAX_ECHO = 300  # characters of a user's input an error message repeats at most
+
+
 class DROError(Exception):
     """Base class for problems a user can fix: bad config, bad data, a model that cannot be loaded."""
 
@@ -12,7 +15,9 @@ class ConfigError(DROError):
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
-        self.problems = problems
+        # a message never echoes much of the input (a huge value or an alias bomb would flood the terminal)
+        self.problems = [p if len(p) <= MAX_ECHO else p[:MAX_ECHO] + "..." for p in problems]
+        problems = self.problems
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 

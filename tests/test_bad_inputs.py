@@ -62,6 +62,14 @@ CASES = [
     ("config not yaml", {"raw_config": b"data: [\n"}, "validate", 2, ["not valid YAML"]),
     ("config a list", {"raw_config": b"- a\n- b\n"}, "validate", 2, ["mapping"]),
     ("config not utf-8", {"raw_config": "data: {train: caf\u00e9}\n".encode("latin-1")}, "validate", 2, ["UTF-8"]),
+    ("config alias bomb", {"raw_config": b"a: &a [x, x, x]\nb: &b [*a, *a, *a]\nseed: *b\n"}, "validate", 2, ["alias", "more than once"]),
+    ("config nested 5000 deep", {"raw_config": b"seed: " + b"[" * 5000 + b"]" * 5000 + b"\n"}, "validate", 2, ["nested too deep"]),
+    ("config integer of 5000 digits", {"raw_config": b"seed: " + b"9" * 5000 + b"\n"}, "validate", 2, ["not valid YAML", "digits"]),
+    ("config is a folder", {"config_is_folder": True}, "validate", 2, ["is a folder, not a file"]),
+    config_case("seed 2**70", "seed", 2**70, ["seed", "less than"]),
+    config_case("train file is a folder", "data.train", ".", ["is a folder, not a file"]),
+    ("output_dir name too long", {"config": ("output_dir", "x" * 300)}, "optimize", 2, ["shorter"]),
+    ("output_dir inside a symlink loop", {"output": "loop"}, "optimize", 2, ["symbolic link"]),
     config_case("unknown key, close", "dro.num_sample", 4, ["did you mean 'dro.num_samples'"]),
     config_case("unknown top-level key", "colour", 1, ["colour", "unknown key"]),
     config_case("num_samples 0", "dro.num_samples", 0, ["dro.num_samples", "greater than or equal to 1"]),
@@ -109,6 +117,11 @@ CASES = [
     data_case("id an object", json.dumps(GOOD_LINE | {"id": {"a": 1}}), ["'id' must be a string"]),
     data_case("line a list", json.dumps([1, 2]), ["expected a JSON object"]),
     data_case("has_answer text", json.dumps(GOOD_LINE | {"ctxs": [{"text": "t", "has_answer": "yes"}] * 4}), ["has_answer"]),
+    data_case("question with a lone surrogate", json.dumps(GOOD_LINE | {"id": "q2", "question": "who \ud800?"}), ["train.jsonl:2", "invalid Unicode"]),
+    data_case("duplicate question ids", json.dumps(GOOD_LINE), ["train.jsonl:2", "also on line 1"]),
+    data_case("question too long", json.dumps(GOOD_LINE | {"id": "q2", "question": "x" * 5000}), ["train.jsonl:2", "data.max_question_chars"]),
+    data_case("JSON nested too deep", '{"id": "q2", "question": ' + "[" * 100000 + "]" * 100000 + "}", ["train.jsonl:2", "nested too deep"]),
+    data_case("JSON integer of 5000 digits", '{"id": "q2", "question": ' + "9" * 5000 + "}", ["train.jsonl:2", "digits"]),
     data_case("validation file bad", json.dumps(GOOD_LINE | {"answers": 7}), ["validation.jsonl:2", "'answers'"], file="validation.jsonl"),
     ("question file not utf-8", {"raw_line": ("train.jsonl", "{\"question\": \"caf\u00e9\"}".encode("latin-1"))}, "validate", 2, ["train.jsonl:2", "UTF-8"]),
     ("question file empty", {"empty": "validation.jsonl"}, "validate", 2, ["no questions found"]),
@@ -156,6 +169,8 @@ CASES = [
     # ---- tiny-model
     ("tiny-model into a full folder", {"tiny_model": "full"}, "tiny-model", 2, ["not empty"]),
     ("tiny-model tokenizer missing", {"tiny_model": "no-tokenizer"}, "tiny-model", 2, ["tokenizer folder"]),
+    ("tiny-model seed 2**64", {"tiny_model": "seed"}, "tiny-model", 2, ["--seed"]),
+    ("evaluate --max-examples 0", {"evaluate": "max0"}, "evaluate", 2, ["--max-examples"]),
 ]
 
 
@@ -205,7 +220,10 @@ def _prepare(case: dict, root: Path, finished: Path, tiny_model_dir: Path) -> li
     if "output" in case:
         kind = case["output"]
         tree["output_dir"] = {"cwd": "", "data": str(root / "inputs"), "config": str(root / "conf"), "ancestor": str(root / "inputs"),
-                              "foreign": str(root / "notes"), "below-file": str(root / "afile" / "out")}[kind]
+                              "foreign": str(root / "notes"), "below-file": str(root / "afile" / "out"),
+                              "loop": str(root / "loop" / "out")}[kind]
+        if kind == "loop":
+            (root / "loop").symlink_to(root / "loop")
         if kind in ("data", "ancestor"):
             data = root / "inputs" / ("data" if kind == "ancestor" else "")
             data.mkdir(parents=True)
@@ -233,7 +251,7 @@ def _prepare(case: dict, root: Path, finished: Path, tiny_model_dir: Path) -> li
         assert CliRunner().invoke(app, ["optimize", str(config)]).exit_code == 0
         kind = case["finished_run"]
         if kind == "changed":
-            argv += ["--set", "dro.learning_rate=0.5"]
+            argv += ["--set", "dro.temperature=0.5"]  # a learning rate may change on resume; the sampling may not
         elif kind == "damage-checkpoint":
             state = root / "run" / "checkpoint" / "state.json"
             state.write_text(state.read_text()[:40])
@@ -276,6 +294,8 @@ def _prepare(case: dict, root: Path, finished: Path, tiny_model_dir: Path) -> li
             (run / "report.json").write_text((run / "report.json").read_text()[:50])
         elif kind == "stray-samples":
             (run / "samples" / "iteration_final.jsonl").write_text("{}\n")
+        elif kind == "max0":
+            return [str(run), "--data", str(data), "--max-examples", "0"]
         elif kind == "damage-config":
             (run / "config.yaml").write_text("data: {train: x.jsonl\n")
         if case.get("command") == "report":
@@ -286,11 +306,15 @@ def _prepare(case: dict, root: Path, finished: Path, tiny_model_dir: Path) -> li
         return [str(run), "--data", str(data)]
     if "tiny_model" in case:
         folder = root / "tiny"
+        if case["tiny_model"] == "seed":
+            return [str(folder), "--seed", str(2**64)]
         if case["tiny_model"] == "full":
             folder.mkdir()
             (folder / "keep.txt").write_text("mine")
             return [str(folder)]
         return [str(folder), "--tokenizer", str(root / "nowhere")]
+    if "config_is_folder" in case:
+        return [str(root)]
     raw = case.get("raw_config", yaml.safe_dump(tree).encode())
     if raw is not None:
         config.write_bytes(raw)

@@ -107,9 +107,9 @@ def test_validate_exit_codes(write_config, tmp_path):
 def test_changed_config_does_not_silently_resume(write_config, tmp_path):
     config = musique_config(write_config, tmp_path)
     assert CliRunner().invoke(app, ["optimize", str(config)]).exit_code == 0
-    clash = CliRunner().invoke(app, ["optimize", str(config), "--set", "dro.learning_rate=0.1"])
+    clash = CliRunner().invoke(app, ["optimize", str(config), "--set", "dro.num_samples=3"])
     assert clash.exit_code == 2
-    assert "different config (dro.learning_rate)" in clash.output
+    assert "different config (dro.num_samples)" in clash.output
 
 
 NQ = SHARED_DATA / "nq"

@@ -6,8 +6,9 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dro_plugins.config import RunConfig
+from dro_plugins.config import MAX_QUESTION_CHARS, RunConfig
 from dro_plugins.errors import DataError
+from dro_plugins.files import why_not_a_file
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,12 @@ def _text(raw: dict, field: str, where: str, default: str | None = None) -> str:
     value = raw.get(field, default)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(f"{where}: '{field}' must be a string, got {_kind(value)}; fix the line or remove it")
-    return str(value)
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800", which JSON escapes allow
+        raise DataError(f"{where}: '{field}' holds invalid Unicode (a lone surrogate at character {exc.start + 1}); fix the line") from None
+    return text
 
 
 def _passage(raw: object, where: str) -> Passage:
@@ -65,7 +71,9 @@ def _passage(raw: object, where: str) -> Passage:
     )
 
 
-def parse_example(raw: object, where: str, num_candidates: int, top_k: int, with_candidates: bool = True) -> Example:
+def parse_example(
+    raw: object, where: str, num_candidates: int, top_k: int, with_candidates: bool = True, max_question_chars: int = MAX_QUESTION_CHARS
+) -> Example:
     """Build an :class:`Example` from one decoded JSON line.
 
     Args:
@@ -75,9 +83,10 @@ def parse_example(raw: object, where: str, num_candidates: int, top_k: int, with
         top_k: the selector's k; a question needs at least this many candidates.
         with_candidates: False when a pipeline's retriever supplies the candidates: ``ctxs`` is then ignored
             and the example has none.
+        max_question_chars: longest question accepted (``data.max_question_chars``).
 
     Raises:
-        DataError: a field is missing or empty, or there are fewer than ``top_k`` candidates.
+        DataError: a field is missing, empty or too long, or there are fewer than ``top_k`` candidates.
     """
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object per line")
@@ -87,6 +96,11 @@ def parse_example(raw: object, where: str, num_candidates: int, top_k: int, with
             raise DataError(f"{where}: missing field '{field}'; each line needs {', '.join(needed)}")
     qid = _text(raw, "id", where, where)
     question = _text(raw, "question", where)
+    if len(question) > max_question_chars:
+        raise DataError(
+            f"{where}: question '{qid[:80]}' is {len(question)} characters, over data.max_question_chars "
+            f"({max_question_chars}); shorten it, remove the line, or raise the limit"
+        )
     answers = raw["answers"]
     if isinstance(answers, str):
         answers = [answers]
@@ -117,7 +131,7 @@ def _json_lines(path: Path, hint: str):
         DataError: the file is missing, a line is not UTF-8 or not JSON (the message names the line).
     """
     if not path.is_file():
-        raise DataError(f"{path}: file not found; {hint}")
+        raise DataError(f"{path}: {why_not_a_file(path)}; {hint}")
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
             where = f"{path}:{number}"
@@ -128,27 +142,46 @@ def _json_lines(path: Path, hint: str):
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                decoded = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deep to read; fix or remove the line") from None
+            except ValueError as exc:  # e.g. an integer of more digits than Python converts
+                raise DataError(f"{where}: unreadable JSON ({str(exc)[:120]}); fix or remove the line") from None
+            yield number, decoded
 
 
 def load_examples(
-    path: str | Path, num_candidates: int, top_k: int, max_examples: int | None = None, with_candidates: bool = True
+    path: str | Path,
+    num_candidates: int,
+    top_k: int,
+    max_examples: int | None = None,
+    with_candidates: bool = True,
+    max_question_chars: int = MAX_QUESTION_CHARS,
 ) -> list[Example]:
     """Read a question file, one JSON object per line; blank lines are skipped.
 
     ``with_candidates=False`` reads questions and answers only (see :func:`parse_example`).
 
     Raises:
-        DataError: the file is missing, a line is not JSON, or a question is unusable (the message names the line).
+        DataError: the file is missing, a line is not JSON, a question is unusable, or two questions share an id
+            (ids key the samples, attribution and inspect files); the message names the line.
     """
     path = Path(path)
     examples: list[Example] = []
+    seen: dict[str, int] = {}
     for number, raw in _json_lines(path, "point data.train/data.validation at a JSON-lines question file"):
         if max_examples is not None and len(examples) >= max_examples:
             break
-        examples.append(parse_example(raw, f"{path}:{number}", num_candidates, top_k, with_candidates))
+        example = parse_example(raw, f"{path}:{number}", num_candidates, top_k, with_candidates, max_question_chars)
+        if example.id in seen:
+            raise DataError(
+                f"{path}:{number}: question id '{example.id[:80]}' is also on line {seen[example.id]}; ids key the "
+                "samples, attribution and inspect files, so make them unique"
+            )
+        seen[example.id] = number
+        examples.append(example)
     if not examples:
         raise DataError(f"{path}: no questions found; the file is empty")
     return examples
@@ -195,7 +228,7 @@ def load_run_data(config: RunConfig) -> tuple[list[Example], list[Example]]:
     data = config.data
     with_candidates = config.pipeline is None
     train, validation = (
-        load_examples(path, data.num_candidates, config.selector.top_k, data.max_examples, with_candidates)
+        load_examples(path, data.num_candidates, config.selector.top_k, data.max_examples, with_candidates, data.max_question_chars)
         for path in (data.train, data.validation)
     )
     return train, validation
