@@ -370,8 +370,16 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that lets each anchor be used at most once: an alias bomb (anchors of anchors, each
-    used many times) would otherwise expand to gigabytes. A run config has no use for aliases repeated."""
+    """PyYAML's safe loader that lets each anchor be used at most once (an alias bomb, anchors of anchors each used
+    many times, would otherwise expand to gigabytes; a run config has no use for aliases repeated) and refuses a
+    key twice in one mapping (the second would win silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+        repeated = sorted({str(k)[:40] for k in keys if keys.count(k) > 1})
+        if repeated:  # the last would win silently, e.g. a second dro: section
+            raise yaml.YAMLError(f"the key {repeated[0]} appears twice in one mapping (line {node.start_mark.line + 1}); keep one")
+        return super().construct_mapping(node, deep)
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):

@@ -54,6 +54,8 @@ def load_factory(spec: str):
     sys.modules[module_name] = module  # pickling and dataclasses inside the app need the module registered
     try:
         module_spec.loader.exec_module(module)
+    except SystemExit as exc:  # sys.exit() at import would end dro itself, silently
+        raise PipelineError(f"pipeline.llama_index: importing {path} called sys.exit({exc.code}); guard it with if __name__ == '__main__'") from None
     except Exception as exc:  # noqa: BLE001 - the user's module failed to import: one line that says where
         raise PipelineError(f"pipeline.llama_index: importing {path} failed: {_user_error(exc)}") from exc
     factory = getattr(module, name, None)
@@ -96,6 +98,8 @@ class LlamaIndexPipeline:
         factory = load_factory(self.spec)
         try:
             engine = factory()
+        except SystemExit as exc:  # would end dro itself, silently
+            raise PipelineError(f"pipeline.llama_index: your factory `{self.spec}` called sys.exit({exc.code}); return the query engine instead") from None
         except Exception as exc:  # noqa: BLE001 - the user's code raised: name the factory, keep their message
             raise PipelineError(f"pipeline.llama_index: your factory `{self.spec}` raised {_user_error(exc)}") from exc
         if not isinstance(engine, RetrieverQueryEngine):

@@ -260,8 +260,11 @@ def add_lora(model: PreTrainedModel | PeftModel, lora: LoraConfig, name: str = "
     Only adapter weights are trainable; adapters are float32 on any base dtype (peft's ``autocast_adapter_dtype``).
 
     Raises:
-        ModelLoadError: the LoRA settings match no module of the model.
+        ModelLoadError: the LoRA settings match no module of the model, or ``modules_to_save`` names a module it lacks.
     """
+    missing = [m for m in lora.modules_to_save or [] if not any(n == m or n.endswith(f".{m}") for n, _ in model.named_modules())]
+    if missing:
+        raise ModelLoadError(f"{field}.modules_to_save: the model has no module named {', '.join(missing)}; fix modules_to_save")
     try:
         if isinstance(model, PeftModel):
             model.add_adapter(name, lora_settings(lora))
