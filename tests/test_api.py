@@ -76,3 +76,12 @@ def test_optimize_from_python_writes_the_report_that_dro_optimize_writes(tmp_pat
     assert timeless(written) == timeless(json.loads((tmp_path / "cli" / "report.json").read_text()))
     assert any("loading models" in line for line in lines)
     assert (tmp_path / "python" / "selector" / "adapter_model.safetensors").is_file()
+
+
+def test_python_dash_m_dro_plugins_cli_is_the_dro_command():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "dro_plugins.cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout + result.stderr).startswith("dro-plugins ")

@@ -29,6 +29,8 @@ KILL_POINTS = [
     "samples-written",
     "m-step:3",
     "best-published",
+    "tensorboard-written:4",
+    "plot-written:2",
     "validation:4",
     "report",
 ]
@@ -97,6 +99,15 @@ def test_killed_run_resumes_to_the_same_result(reference, kill_at):
     assert report == expected[0], kill_at
     assert adapters == expected[2], kill_at
     assert len({line["iteration"] for line in metrics if line["stage"] == "dro"}) == len([l for l in metrics if l["stage"] == "dro"])
+    assert _tensorboard_steps(root / name) == _tensorboard_steps(root / "straight"), kill_at  # each (tag, step) once
+
+
+def _tensorboard_steps(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if not tag.startswith("throughput/")}
 
 
 def test_sigterm_in_the_m_step_saves_the_batch_and_resumes_to_the_same_result(reference):

@@ -262,3 +262,19 @@ def test_a_killed_process_ends_the_run_and_a_rerun_with_another_count_resumes(tm
     assert "resuming" in resumed.stdout + resumed.stderr
     assert json.loads((tmp_path / "killed" / "report.json").read_text())["stopped"] == "completed"
     _assert_same_result(tmp_path / "killed", one_process_run)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_sigterm_on_one_process_stops_both_after_the_same_step_and_the_rerun_resumes(tmp_path, one_process_run):
+    """SIGTERM reaching one process (a launcher's reaches each at a slightly different moment) stops every process
+    after the same M-step batch: a checkpoint is saved, none hangs, and the re-run reaches the one-process result."""
+    config = _config(tmp_path, "sigterm")
+    stopped = _optimize(config, 2, DRO_KILL_AT="m-step:2", DRO_KILL_RANK="1", DRO_KILL_SIGNAL="SIGTERM")
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0 and "checkpoint saved" in output, output[-3000:]
+    assert "Traceback" not in stopped.stdout
+    resumed = _optimize(config, 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at iteration 1, phase m-step" in resumed.stdout + resumed.stderr
+    _assert_same_result(tmp_path / "sigterm", one_process_run)

@@ -169,6 +169,16 @@ def test_training_ids_are_the_ids_the_llm_reads(name, tiny_model_dir, real_tiny_
             "    return index.as_query_engine(llm=MockLLM())\n",
             r"the engine's LLM is a MockLLM, not a local HuggingFaceLLM.*swap it for HuggingFaceLLM.*train the selector alone",
         ),
+        *(
+            (
+                "from llama_index.core import MockEmbedding, VectorStoreIndex\nfrom llama_index.core.llms import MockLLM\n"
+                "from llama_index.core.schema import TextNode\n"
+                "def build():\n    index = VectorStoreIndex([TextNode(text='x')], embed_model=MockEmbedding(embed_dim=4))\n"
+                f"    return index.as_query_engine(llm=MockLLM(), response_mode={mode!r})\n",
+                rf"response_mode '{mode}' calls the LLM more than once per query.*use response_mode='compact'",
+            )
+            for mode in ("refine", "tree_summarize", "accumulate")
+        ),
         ("def build():\n    raise RuntimeError('index missing')\n", r"your factory `.*factory\.py:build` raised RuntimeError: index missing \(.*factory\.py:2\)"),
         ("def build(:\n", r"importing .*factory\.py failed: SyntaxError: .*\(.*factory\.py:1\)"),
         ("import no_such_package_xyz\n", r"importing .*factory\.py failed: ModuleNotFoundError: No module named 'no_such_package_xyz'"),

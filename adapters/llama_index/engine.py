@@ -34,6 +34,9 @@ from dro_plugins.training.run_folder import RunPaths
 from llama_index.postprocessor.dro.postprocessor import node_to_passage
 
 QA_TEMPLATE = "response_synthesizer:text_qa_template"
+# response synthesizers (by class) that call the LLM more than once per query, and their response_mode names;
+# 'compact' (CompactAndRefine, the default) makes one call when the selected passages fit the context window
+MANY_CALL_MODES = {"Refine": "refine", "TreeSummarize": "tree_summarize", "Accumulate": "accumulate", "CompactAndAccumulate": "compact_accumulate"}
 
 
 def load_factory(spec: str):
@@ -106,6 +109,13 @@ class LlamaIndexPipeline:
             raise PipelineError(
                 f"pipeline.llama_index: {self.spec} returned a {type(engine).__name__}, not a RetrieverQueryEngine; "
                 "return index.as_query_engine(...) or a RetrieverQueryEngine"
+            )
+        mode = MANY_CALL_MODES.get(type(engine._response_synthesizer).__name__)  # no public accessor in 0.14
+        if mode is not None:
+            raise PipelineError(
+                f"pipeline.llama_index: response_mode '{mode}' calls the LLM more than once per query, while DRO trains "
+                "the generator on one prompt holding the selected passages; use response_mode='compact' (the default) "
+                "or 'simple_summarize'"
             )
         self.engine = engine
         self.retriever = engine.retriever

@@ -223,6 +223,12 @@ class Runtime:
             return value
         return float(self.accelerator.reduce(torch.tensor([value], device=self.accelerator.device), reduction="sum").item())
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process (one all-reduce; every process must call it at the same point)."""
+        if self.accelerator is None:
+            return flag
+        return self.sum(float(flag)) > 0
+
     def wait(self) -> None:
         """Barrier: every process reaches this point before any goes on."""
         if self.accelerator is not None:

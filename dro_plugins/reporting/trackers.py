@@ -9,10 +9,12 @@ optimizer steps over the whole run. Lines of the stage before the warm-up are pr
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 from typing import Protocol
 
 from dro_plugins.errors import DROError
+from dro_plugins.faults import crash_point
 from dro_plugins.training.run_folder import RunPaths
 
 
@@ -20,8 +22,18 @@ class Reporter(Protocol):
     def log(self, line: dict, first_step: int = 0) -> None:
         """Report one metrics line; its per-step M-step losses start at optimizer step ``first_step`` of the run."""
 
+    def replay(self, history: list[dict]) -> None:
+        """On resume: the tracker's record made to hold exactly ``history`` (a checkpoint's lines), so every
+        (tag, step) is logged once even when the interrupted run logged lines past the checkpoint."""
+
     def close(self) -> None:
         """Flush and release the tracker."""
+
+
+def replay_lines(reporter: Reporter, history: list[dict]) -> None:
+    """Log ``history`` in order, each line's optimizer steps continuing the previous lines'."""
+    for number, line in enumerate(history):
+        reporter.log(line, first_step=sum(optimizer_steps(earlier) for earlier in history[:number]))
 
 
 def scalars(line: dict, prefix: str = "") -> dict[str, float]:
@@ -49,6 +61,9 @@ class NoReporter:
     def log(self, line: dict, first_step: int = 0) -> None:
         pass
 
+    def replay(self, history: list[dict]) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -59,7 +74,18 @@ class TensorBoardReporter:
     def __init__(self, folder: Path):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.folder = Path(folder)
         self.writer = SummaryWriter(log_dir=str(folder))
+
+    def replay(self, history: list[dict]) -> None:
+        """Rewrite the event files from ``history``: events past the checkpoint (logged before an interrupt) go, as
+        TensorBoard's ``purge_step`` would do for one step axis (here there are two: iterations and optimizer steps)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.writer = SummaryWriter(log_dir=str(self.folder))
+        replay_lines(self, history)
 
     def log(self, line: dict, first_step: int = 0) -> None:
         prefix = "" if line["stage"] == "dro" else f"{line['stage']}/"
@@ -69,6 +95,7 @@ class TensorBoardReporter:
             for offset, value in enumerate(values):
                 self.writer.add_scalar(name, value, global_step=first_step + offset)
         self.writer.flush()
+        crash_point("tensorboard-written")
 
     def close(self) -> None:
         self.writer.close()
@@ -86,6 +113,9 @@ class WandbReporter:
     def log(self, line: dict, first_step: int = 0) -> None:
         prefix = "" if line["stage"] == "dro" else f"{line['stage']}/"
         self.run.log({"iteration": line["iteration"], **scalars(line, prefix)})
+
+    def replay(self, history: list[dict]) -> None:
+        """W&B cannot take back what it logged; lines past the checkpoint are logged again after a resume."""
 
     def close(self) -> None:
         self.run.finish()

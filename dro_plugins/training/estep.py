@@ -134,7 +134,7 @@ def e_step(session: Session, train: Sequence[Example], iteration: int, path: Pat
                 | ({"candidates": [asdict(p) for p in example.candidates]} if example is not given[b] else {})
             )
         crash_point("e-step")
-        if session.stop_requested:
+        if session.stop_requested:  # each process on its own: E-step batches differ in number, and nothing is saved
             raise Interrupted(f"interrupted in E-step {iteration}; it restarts on resume")
     lines = session.runtime.gather(lines[:own])
     if session.runtime.is_main:

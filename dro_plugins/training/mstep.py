@@ -157,5 +157,5 @@ def m_step(session: Session, samples: Samples, optimizers: dict, iteration: int,
                         state.losses.setdefault(role, []).append(loss)
         state.batches_done = done
         crash_point("m-step")
-        if session.stop_requested:
+        if session.stop_agreed():
             raise Interrupted(f"interrupted in M-step {iteration} after {done}/{len(steps)} batches; checkpoint saved")

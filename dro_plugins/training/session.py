@@ -56,6 +56,12 @@ class Session:
         """The trainable unit of each role (``selector``, ``generator``)."""
         return {"selector": self.selector.unit, "generator": self.generator.unit}
 
+    def stop_agreed(self) -> bool:
+        """Whether any process was asked to stop (Ctrl-C, or the SIGTERM a launcher sends every process at slightly
+        different moments), so that all stop after the same optimizer step. A collective: call it where every
+        process has run the same steps (M-step and warm-up batches, which are global)."""
+        return self.runtime.any(self.stop_requested)
+
     @property
     def budget(self) -> int | None:
         """Padded tokens per forward (``dro.max_tokens_per_microbatch``); None: no limit."""

@@ -172,6 +172,7 @@ class DROTrainer:
             if self.runtime.is_main:
                 atomic_write_text(self.paths.config, dump_config(self.config))  # a resume may change some keys
                 records.rewrite_metrics(self.paths, state.history)
+                self.reporter.replay(state.history)
                 records.publish_best(self.paths, found, self._tokenizers())
             self.session.log(f"resuming at iteration {state.iteration}, phase {state.phase.replace('_', '-')}")
             self.runtime.wait()

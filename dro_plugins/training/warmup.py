@@ -47,5 +47,5 @@ def warm_up(session: Session, train: Sequence[Example]) -> None:
                 permutations = torch.tensor(targets)[:, None]
             mstep.optimizer_step(session, role, batch, permutations, torch.ones(len(batch), 1), optimizers[role])
             crash_point("warmup")
-            if session.stop_requested:
+            if session.stop_agreed():
                 raise Interrupted("interrupted during warm-up; nothing saved yet, run again to start over")
