@@ -88,6 +88,8 @@ def _train(config: RunConfig, runtime: Runtime, pipeline, train, validation, log
     report = trainer.fit()
     if pipeline is not None and runtime.is_main:
         log(f"{pipeline.exported}: {pipeline.export(config.output_dir)}")
+        for note in pipeline.export_notes:
+            log(f"  {note}")
     return report
 
 

@@ -28,11 +28,14 @@ class TrainablePipeline(Protocol):
         query_encoder_model: the sentence-transformers model that embeds queries for the retriever (the query tower
             of ``selector.kind: retriever``), or None when the retriever searches by text.
         exported: what :meth:`export` writes, in words, for the line ``dro optimize`` prints.
+        export_notes: after :meth:`export`, what it changed from the user's pipeline so that serving matches training
+            (one line each), for the log.
     """
 
     generator_model: str
     query_encoder_model: str | None
     exported: str
+    export_notes: list[str]
 
     def components(self) -> list[str]:
         """The pipeline's trainable units as found, one short line each (printed by ``dro validate``)."""

@@ -206,6 +206,12 @@ def test_optimize_writes_a_pipeline_that_loads_and_answers_in_a_fresh_process(tm
     assert written["components"]["llm"]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] == "generator-model"
     assert written["components"]["dro_selector"]["init_parameters"]["model"] == "."
     assert "optimized Haystack pipeline" in result.output
+    # served as validated: greedy, the trained answer length (the user's rag.yaml says 16, DRO validated 8), and said so
+    llm = written["components"]["llm"]["init_parameters"]
+    assert {k: llm["generation_kwargs"][k] for k in ("max_new_tokens", "do_sample")} == {"max_new_tokens": 8, "do_sample": False}
+    assert not {"temperature", "top_p", "top_k"} & set(llm["generation_kwargs"]) and llm["huggingface_pipeline_kwargs"]["task"] == "text-generation"
+    said = " ".join(result.output.split())
+    assert "max_new_tokens=8 (was max_new_tokens=16)" in said and "'dro_selector': {'query': question}" in said
 
     validated = runner.invoke(app, ["validate", "config.yaml", *sum((["--set", o] for o in overrides), [])])
     assert validated.exit_code == 0, validated.output
@@ -376,3 +382,25 @@ def test_dense_pipeline_trains_its_retriever_and_exports_the_fine_tuned_query_en
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     to_trained, to_original = (float(v) for v in loaded.stdout.split()[-2:])
     assert to_trained < 1e-5 and to_original > 1e-4  # it serves the fine-tuned query encoder, not the original
+
+
+def test_validate_warns_when_the_generator_names_no_task_and_the_export_sets_it(tmp_path, write_config, tiny_model_dir):
+    rag = yaml.safe_load((EXAMPLE / "rag.yaml").read_text())
+    kwargs = rag["components"]["llm"]["init_parameters"]["huggingface_pipeline_kwargs"]
+    kwargs.pop("task")
+    kwargs["model"] = str(tiny_model_dir)
+    (tmp_path / "rag.yaml").write_text(yaml.safe_dump(rag))
+    result = CliRunner().invoke(app, ["validate", str(write_config(_run_tree(tmp_path / "rag.yaml")))])
+    assert result.exit_code == 0, result.output
+    assert "names no task" in " ".join(result.output.split())
+
+    from haystack_integrations.components.rankers.dro.pipeline import HaystackPipeline
+
+    from dro_plugins.config import load_config
+
+    pipeline = HaystackPipeline(load_config(write_config(_run_tree(tmp_path / "rag.yaml"))), index_documents=False)
+    generator = {"huggingface_pipeline_kwargs": {"model": "m"}, "generation_kwargs": {"temperature": 0.7, "do_sample": True}}
+    notes = pipeline._served_as_trained(generator)
+    assert generator == {"huggingface_pipeline_kwargs": {"model": "m", "task": "text-generation"},
+                         "generation_kwargs": {"max_new_tokens": pipeline.max_new_tokens, "do_sample": False}}
+    assert len(notes) == 2 and "do_sample, temperature dropped" in notes[1]

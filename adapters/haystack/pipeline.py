@@ -99,6 +99,8 @@ def _class_name(instance) -> str:
     return type(instance).__name__
 
 
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")  # generation settings of sampling, not greedy decoding
+
 class HaystackPipeline:
     """The trainable units of a Haystack RAG pipeline.
 
@@ -125,6 +127,8 @@ class HaystackPipeline:
         self.allowed_modules = list(settings.allowed_modules)
         self.num_candidates = config.data.num_candidates
         self.top_k = config.selector.top_k
+        self.max_new_tokens = config.generator.max_new_tokens
+        self.export_notes: list[str] = []
         self.pipeline = load_pipeline(self.path, self.allowed_modules)
         self.serialized = self.pipeline.to_dict()
         self.retriever_name = self._find("retriever", settings.retriever, lambda c: _class_name(c).endswith("Retriever"))
@@ -161,7 +165,13 @@ class HaystackPipeline:
             units = (("query embedder", self.query_embedder_name), *units)
         named = [f"{role} '{name}' ({_class_name(self.pipeline.get_component(name))})" for role, name in units]
         encoder = [f"query encoder model {self.query_encoder_model}"] if self.query_encoder_model else []
-        return named + encoder + [f"generator model {self.generator_model}"]
+        warning = []
+        if "task" not in self.generator.huggingface_pipeline_kwargs:
+            warning = [
+                f"warning: generator '{self.generator_name}' names no task, so Haystack asks the Hugging Face hub for it "
+                "when serving (which fails offline); the exported pipeline sets task: text-generation"
+            ]
+        return named + encoder + [f"generator model {self.generator_model}"] + warning
 
     def _names(self) -> str:
         return ", ".join(self.serialized["components"])
@@ -368,7 +378,9 @@ class HaystackPipeline:
         generator_dir = export_generator(run_dir, RunPaths(run_dir).generator_model)
         tree = self.pipeline.to_dict()
         components = tree["components"]
-        components[self.generator_name]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] = str(generator_dir)
+        generator = components[self.generator_name]["init_parameters"]
+        generator["huggingface_pipeline_kwargs"]["model"] = str(generator_dir)
+        self.export_notes = self._served_as_trained(generator)
         if self.selector_kind == "retriever":
             components[self.retriever_name]["init_parameters"]["top_k"] = self.top_k
             components[self.query_embedder_name]["init_parameters"]["model"] = str(RunPaths(run_dir).adapter("selector"))
@@ -382,7 +394,31 @@ class HaystackPipeline:
             {"sender": f"{self.retriever_name}.documents", "receiver": f"{SELECTOR_NAME}.documents"},
             {"sender": f"{SELECTOR_NAME}.documents", "receiver": into_builder},
         ]
+        self.export_notes.append(
+            f"the exported pipeline takes the query twice: pipe.run({{'{self.retriever_name}': {{...}}, "
+            f"'{SELECTOR_NAME}': {{'query': question}}, '{self.prompt_builder_name}': {{...}}}})"
+        )
         return self._write(tree, run_dir)
+
+    def _served_as_trained(self, generator: dict) -> list[str]:
+        """Make the exported generator answer as DRO validated it (greedy, ``generator.max_new_tokens``, an explicit
+        task so that loading needs no hub); return what was changed, in words."""
+        notes = []
+        kwargs = generator["huggingface_pipeline_kwargs"]
+        if "task" not in kwargs:
+            kwargs["task"] = "text-generation"
+            notes.append("set the generator's task to text-generation (without it Haystack asks the hub when loading)")
+        settings = dict(generator.get("generation_kwargs") or {})
+        sampling = sorted(k for k in SAMPLING_KEYS if k in settings and (k != "do_sample" or settings[k]))
+        wanted = {k: v for k, v in settings.items() if k not in SAMPLING_KEYS} | {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        if settings != wanted:
+            before = ", ".join(f"{k}={settings[k]}" for k in sorted(settings) if settings.get(k) != wanted.get(k)) or "defaults"
+            notes.append(
+                f"generation set to what DRO validated: greedy, max_new_tokens={self.max_new_tokens} (was {before}"
+                + (f"; {', '.join(sampling)} dropped" if sampling else "") + ")"
+            )
+        generator["generation_kwargs"] = wanted
+        return notes
 
     def _write(self, tree: dict, run_dir: Path) -> Path:
         optimized = Pipeline.from_dict(tree, allowed_modules=self.allowed_modules or None)

@@ -95,6 +95,7 @@ class LlamaIndexPipeline:
     """
 
     exported = "fine-tuned generator model (serve it with your factory's run_dir, see the example app)"
+    export_notes: list[str] = []
 
     def __init__(self, config: RunConfig):
         self.spec = config.pipeline.llama_index
