@@ -66,6 +66,7 @@ CASES = [
     ("config nested 5000 deep", {"raw_config": b"seed: " + b"[" * 5000 + b"]" * 5000 + b"\n"}, "validate", 2, ["nested too deep"]),
     ("config integer of 5000 digits", {"raw_config": b"seed: " + b"9" * 5000 + b"\n"}, "validate", 2, ["not valid YAML", "digits"]),
     ("config is a folder", {"config_is_folder": True}, "validate", 2, ["is a folder, not a file"]),
+    ("config is a dangling symlink", {"config_is_folder": "dangling"}, "validate", 2, ["symbolic link that leads nowhere"]),
     ("config with a section twice", {"raw_config": b"dro: {iterations: 1}\ndro: {iterations: 5}\n"}, "validate", 2, ["dro appears twice"]),
     config_case("modules_to_save names no module", "generator.lora.modules_to_save", ["embed_tokens", "no_such_head"], ["generator.lora.modules_to_save", "no_such_head"], "optimize"),
     ("factory calls sys.exit", {"pipeline_file": ("app.py", "import sys\ndef build():\n    sys.exit(0)\n", {"llama_index": "app.py:build"})}, "validate", 2, ["called sys.exit(0)"]),
@@ -317,6 +318,9 @@ def _prepare(case: dict, root: Path, finished: Path, tiny_model_dir: Path) -> li
             (folder / "keep.txt").write_text("mine")
             return [str(folder)]
         return [str(folder), "--tokenizer", str(root / "nowhere")]
+    if case.get("config_is_folder") == "dangling":
+        (root / "link.yaml").symlink_to(root / "nowhere.yaml")
+        return [str(root / "link.yaml")]
     if "config_is_folder" in case:
         return [str(root)]
     raw = case.get("raw_config", yaml.safe_dump(tree).encode())

@@ -116,11 +116,11 @@ def test_sigterm_in_the_m_step_saves_the_batch_and_resumes_to_the_same_result(re
     root, expected = reference
     stopped = _optimize(root, "sigterm", "m-step:3", kill_signal="SIGTERM")
     assert stopped.returncode == 130, (stopped.returncode, stopped.stderr[-2000:])
-    output = " ".join(stopped.stdout.split())
+    output = " ".join((stopped.stdout + stopped.stderr).split())
     assert "SIGTERM: stopping after this batch" in output and "checkpoint saved" in output and "resume with" in output
     assert "Traceback" not in stopped.stdout + stopped.stderr
     again = _optimize(root, "sigterm")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming" in again.stdout
+    assert "resuming" in again.stdout + again.stderr
     report, metrics, adapters = _result(root / "sigterm")
     assert (report, metrics, adapters) == expected

@@ -30,6 +30,23 @@ def adamw(unit, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     return torch.optim.AdamW(unit.parameter_groups(lr), lr=lr, weight_decay=weight_decay)
 
 
+def learning_rate(session: Session, role: str) -> float:
+    """``role``'s M-step learning rate: its own (``selector.learning_rate``...) or ``dro.learning_rate``."""
+    return getattr(session.config, role).learning_rate or session.config.dro.learning_rate
+
+
+def optimizers(session: Session) -> dict[str, torch.optim.AdamW]:
+    """The M-step's AdamW of each role (build them after the models are prepared: FSDP2 replaces the parameters)."""
+    return {role: adamw(unit, learning_rate(session, role), session.config.dro.weight_decay) for role, unit in session.units.items()}
+
+
+def set_learning_rates(session: Session, optimizers: dict) -> None:
+    """Put the config's learning rates into optimizers whose state a checkpoint restored (with the old rates)."""
+    for role, optimizer in optimizers.items():
+        for group, configured in zip(optimizer.param_groups, session.units[role].parameter_groups(learning_rate(session, role))):
+            group["lr"] = configured["lr"]
+
+
 def optimizer_step(
     session: Session,
     role: str,

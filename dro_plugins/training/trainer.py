@@ -71,9 +71,7 @@ class DROTrainer:
         self.units = self.session.units
         self._prepare()
         self.runtime.reshard(*(unit.model for unit in self.units.values()))
-        self.optimizers = {  # after _prepare: sharding (FSDP2) replaces the parameters
-            role: mstep.adamw(unit, self._learning_rate(role), config.dro.weight_decay) for role, unit in self.units.items()
-        }
+        self.optimizers = mstep.optimizers(self.session)  # after _prepare: sharding (FSDP2) replaces the parameters
         self.reporter: Reporter = NoReporter()  # fit() opens config.report_to
 
     def _prepare(self) -> None:
@@ -92,17 +90,6 @@ class DROTrainer:
             if id(unit.model) not in wrapped:
                 wrapped[id(unit.model)] = self.runtime.prepare(unit.model)
             unit.prepared, unit.sync = wrapped[id(unit.model)], self.runtime.sync
-
-    def _learning_rate(self, role: str) -> float:
-        return getattr(self.config, role).learning_rate or self.config.dro.learning_rate
-
-    @property
-    def stop_requested(self) -> bool:
-        return self.session.stop_requested
-
-    @stop_requested.setter
-    def stop_requested(self, value: bool) -> None:
-        self.session.stop_requested = value
 
     def step(self, role: str, batch, permutations, weights, optimizer, state: LoopState | None = None) -> float | None:
         """One optimizer step of ``role`` (:func:`dro_plugins.training.mstep.optimizer_step`)."""
@@ -165,9 +152,7 @@ class DROTrainer:
         found = find_checkpoint(self.paths.checkpoint)
         if found is not None:
             state = load_checkpoint(found, self.units, self.optimizers)
-            for role, optimizer in self.optimizers.items():  # a resume may lower the learning rates (after a NaN stop)
-                for group, configured in zip(optimizer.param_groups, self.units[role].parameter_groups(self._learning_rate(role))):
-                    group["lr"] = configured["lr"]
+            mstep.set_learning_rates(self.session, self.optimizers)  # a resume may lower them (after a NaN stop)
             self.session.meters = {name: WorkMeter.from_dict(saved) for name, saved in state.throughput.items()}
             if self.runtime.is_main:
                 atomic_write_text(self.paths.config, dump_config(self.config))  # a resume may change some keys
