@@ -166,6 +166,7 @@ class DROTrainer:
             self.paths.root.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.paths.config, dump_config(self.config))
             self.paths.metrics.unlink(missing_ok=True)
+            self.reporter.replay([])  # a run killed before its first checkpoint may have logged events
         torch.manual_seed(self.config.seed)
         self.runtime.wait()
         return LoopState()
