@@ -11,8 +11,7 @@ from dro_plugins.data.examples import Example, Passage
 from dro_plugins.modeling.causal_lm import greedy_generate, tail_logits
 from dro_plugins.modeling.prompts import generator_prompt, render
 from dro_plugins.modeling.tokenization import chat_format, encode_prompt, encode_with_target, stop_token_ids
-from dro_plugins.modeling.units import AdapterUnit
-from dro_plugins.distributed.runtime import NO_SYNC, Sync
+from dro_plugins.modeling.units import AdapterRole, AdapterUnit
 
 
 # (question, passages in selection order) -> the text the generator reads, up to where its answer starts
@@ -23,7 +22,7 @@ JOIN_CONTEXT = 64
 PromptEncoder = Callable[[str], list[int]]
 
 
-class LMGenerator:
+class LMGenerator(AdapterRole):
     """A causal-LM generator.
 
     The prompt lists the selected passages in the permutation's order: by default the built-in instruction
@@ -73,20 +72,6 @@ class LMGenerator:
         self.max_new_tokens = max_new_tokens
         self.length_normalize = length_normalize
         self.prompt = prompt or (lambda question, passages: render(tokenizer, generator_prompt(question, passages, max_passage_words)))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def activate(self) -> None:
-        """Switch a shared base model to the generator's adapter (a no-op otherwise)."""
-        if self.unit is not None:
-            self.unit.activate()
-
-    @property
-    def sync(self) -> Sync:
-        """Lockstep as this model sees it: its unit's (``Runtime.sync``), or none without a unit."""
-        return NO_SYNC if self.unit is None else self.unit.sync
 
     def shape(self, example: Example, permutations: Sequence[Sequence[int]]) -> Shape:
         """Tokens one question needs when scored with these permutations: one row per distinct permutation.

@@ -25,7 +25,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 
 from dro_plugins.files import atomic_write_bytes, atomic_write_text
 from dro_plugins.distributed.fsdp import gathered
-from dro_plugins.distributed.runtime import NO_SYNC
+from dro_plugins.distributed.runtime import NO_SYNC, Sync
 
 
 class AdapterUnit:
@@ -217,3 +217,25 @@ class EncoderUnit:
         temperature = json.loads((folder / self.TEMPERATURE_FILE).read_text())["temperature"]
         with torch.no_grad():
             self.model.log_temperature.fill_(math.log(temperature))
+
+
+class AdapterRole:
+    """What the LM selector and the generator share as roles on a (possibly shared) peft model: ``self.model`` and
+    ``self.unit`` (an :class:`AdapterUnit`, or None for a plain model used as it is)."""
+
+    model: torch.nn.Module
+    unit: AdapterUnit | None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def activate(self) -> None:
+        """Switch a shared base model to this role's adapter (a no-op otherwise)."""
+        if self.unit is not None:
+            self.unit.activate()
+
+    @property
+    def sync(self) -> Sync:
+        """Lockstep as this model sees it: its unit's (``Runtime.sync``), or none without a unit."""
+        return NO_SYNC if self.unit is None else self.unit.sync

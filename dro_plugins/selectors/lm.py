@@ -25,8 +25,7 @@ from dro_plugins.modeling.permutation import DecodingState, PermutationGrammar
 from dro_plugins.modeling.prompts import render, selector_prompt
 from dro_plugins.selectors.base import SampleBatch, draw_seed, gumbel_noise, question_seed
 from dro_plugins.modeling.tokenization import encode_prompt
-from dro_plugins.modeling.units import AdapterUnit
-from dro_plugins.distributed.runtime import NO_SYNC, Sync
+from dro_plugins.modeling.units import AdapterRole, AdapterUnit
 
 # Samples of one question decoded in one row at most; more are decoded in further rows (each with the prompt).
 SAMPLES_PER_ROW = 64
@@ -37,7 +36,7 @@ def _masked_log_softmax(scores: torch.Tensor, valid: torch.Tensor, temperature: 
     return (scores / temperature).masked_fill(~valid, float("-inf")).log_softmax(-1)
 
 
-class LMSelector:
+class LMSelector(AdapterRole):
     """A causal-LM selector with constrained decoding of top-k permutations.
 
     Args:
@@ -55,20 +54,6 @@ class LMSelector:
         if unit is None and hasattr(model, "peft_config"):
             unit = AdapterUnit(model, model.active_adapter)
         self.unit = unit
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def activate(self) -> None:
-        """Switch a shared base model to the selector's adapter (a no-op otherwise)."""
-        if self.unit is not None:
-            self.unit.activate()
-
-    @property
-    def sync(self) -> Sync:
-        """Lockstep as this model sees it: its unit's (``Runtime.sync``), or none without a unit."""
-        return NO_SYNC if self.unit is None else self.unit.sync
 
     @lru_cache(maxsize=64)
     def grammar(self, num_candidates: int, top_k: int) -> PermutationGrammar:
