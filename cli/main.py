@@ -265,6 +265,7 @@ def optimize(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Run config YAML (see examples/nq/config.yaml).")],
     overrides: SetOption = None,
     restart: Annotated[bool, typer.Option("--restart", help="Delete what an earlier run wrote in output_dir and start over instead of resuming (other files are kept).")] = False,
+    resume_anyway: Annotated[bool, typer.Option("--resume-anyway", help="Resume although the pipeline (graph, prompt template, generator or retrieval settings) or its documents changed since the run started; refused without it.")] = False,
 ):
     """Train the selector and generator with DRO and write a run folder.
 
@@ -283,7 +284,7 @@ def optimize(
         console.quiet = not runtime.is_main  # one process speaks: logs, progress bars, tables
         with _progress() as progress:
             report = run_optimize(
-                config, config_path=config_path, restart=restart, runtime=runtime,
+                config, config_path=config_path, restart=restart, resume_anyway=resume_anyway, runtime=runtime,
                 log=lambda line: progress.console.print(line, highlight=False),
                 progress=_tracker(progress) if runtime.is_main else no_progress,
             )

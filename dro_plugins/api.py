@@ -24,7 +24,7 @@ from dro_plugins.data.examples import load_examples, load_run_data
 from dro_plugins.distributed.runtime import Runtime
 from dro_plugins.evaluation.predictions import evaluate as score
 from dro_plugins.files import atomic_write_text
-from dro_plugins.pipeline import attach_candidates, dense_index, open_pipeline, resolved_config, use_pipeline_prompts
+from dro_plugins.pipeline import attach_candidates, dense_index, fingerprint, open_pipeline, resolved_config, use_pipeline_prompts
 from dro_plugins.reporting.progress import Track, no_progress
 from dro_plugins.training import run_folder
 from dro_plugins.training.run_folder import RunPaths
@@ -39,6 +39,7 @@ def optimize(
     overrides: Sequence[str] = (),
     config_path: str | Path | None = None,
     restart: bool = False,
+    resume_anyway: bool = False,
     runtime: Runtime | None = None,
     log: Callable[[str], None] | None = None,
     progress: Track | None = None,
@@ -49,6 +50,8 @@ def optimize(
         config: a run config, or the path of its YAML (``overrides`` as ``dro optimize --set`` takes them).
         config_path: the YAML a given :class:`RunConfig` was loaded from (``output_dir`` may not hold it).
         restart: start over in ``output_dir``, deleting what an earlier run wrote there (other files are kept).
+        resume_anyway: resume although the pipeline (graph, prompt template, generator or retrieval settings) or its
+            documents changed since the run started; without it such a resume is refused.
         runtime: the processes; by default one, or those of ``accelerate launch``/``torchrun``.
         log: receives one human-readable line per event (silent by default).
         progress: wraps long loops for a progress display (:class:`dro_plugins.reporting.progress.Track`).
@@ -57,7 +60,8 @@ def optimize(
         the report written to ``report.json`` (:func:`dro_plugins.training.records.report`).
 
     Raises:
-        DROError: a problem the user fixes (bad config or data, a refused output folder, a different config in it).
+        DROError: a problem the user fixes (bad config or data, a refused output folder, a different config or
+            pipeline in it).
         Interrupted: Ctrl-C or SIGTERM; a checkpoint was saved and calling again resumes.
     """
     log = log or (lambda _line: None)
@@ -67,9 +71,10 @@ def optimize(
         config_path, config = Path(config), load_config(config, list(overrides))
     runtime = runtime or Runtime.from_environment(config.device)
     train, validation = load_run_data(config)
-    pipeline = open_pipeline(config) if config.pipeline is not None else None
+    pipeline = open_pipeline(config, track=track) if config.pipeline is not None else None
     config = resolved_config(config, pipeline)  # computed once; never rewritten, and holds nothing per process
-    with run_folder.opened(config, config_path, restart, log) if runtime.is_main else nullcontext():
+    held = run_folder.opened(config, config_path, restart, log, fingerprint(config, pipeline), resume_anyway)
+    with held if runtime.is_main else nullcontext():
         runtime.wait()
         return _train(config, runtime, pipeline, train, validation, log, track)
 
@@ -121,7 +126,7 @@ def evaluate(
     track = progress or no_progress
     config = saved_config(run_dir, device)
     refuse_run_code(config, run_dir, trust_run_code)  # before the pipeline is opened: a factory is code
-    pipeline = open_pipeline(config) if config.pipeline is not None else None
+    pipeline = open_pipeline(config, track=track) if config.pipeline is not None else None
     config = resolved_config(config, pipeline)
     _, selector, generator = load_trained(run_dir, device, index=dense_index(config, pipeline), trust_run_code=trust_run_code)
     examples = load_examples(data, config.data.num_candidates, config.selector.top_k, max_examples, pipeline is None)

@@ -7,6 +7,8 @@ components. The core never imports an adapter at module level; :func:`open_pipel
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -60,6 +62,10 @@ class TrainablePipeline(Protocol):
     def export(self, run_dir: Path) -> Path:
         """Write what serving the optimized pipeline needs into ``run_dir``; return the main file or folder."""
 
+    def fingerprint_parts(self) -> dict[str, object]:
+        """What serving depends on beyond the run config, by part ("graph", "prompt template", "generator settings",
+        ...): JSON-able values as the user's pipeline sets them, before DRO changes anything."""
+
 
 def attach_candidates(
     examples: Sequence[Example],
@@ -89,10 +95,11 @@ def attach_candidates(
     return attached
 
 
-def open_pipeline(config: RunConfig, index_documents: bool = True) -> TrainablePipeline:
+def open_pipeline(config: RunConfig, index_documents: bool = True, track: Track = no_progress) -> TrainablePipeline:
     """The framework adapter for ``config.pipeline``.
 
-    ``index_documents=False`` (validation) checks ``documents`` without writing it into the pipeline's store.
+    ``index_documents=False`` (validation) checks ``documents`` without writing it into the pipeline's store;
+    ``track`` shows progress while documents are embedded.
 
     Raises:
         DROError: the framework is not installed or the pipeline is unusable.
@@ -102,7 +109,7 @@ def open_pipeline(config: RunConfig, index_documents: bool = True) -> TrainableP
             from haystack_integrations.components.rankers.dro.pipeline import HaystackPipeline
         except ImportError as exc:
             raise DROError(f"pipeline.haystack needs Haystack ({exc.name} is missing): pip install 'dro-plugins[haystack]'") from exc
-        return HaystackPipeline(config, index_documents)
+        return HaystackPipeline(config, index_documents, track)
     try:
         from llama_index.postprocessor.dro.engine import LlamaIndexPipeline
     except ImportError as exc:
@@ -138,6 +145,34 @@ def resolved_config(config: RunConfig, pipeline: TrainablePipeline | None) -> Ru
         resolved.selector.model = encoder
         resolved.selector.query_prefix, resolved.selector.query_suffix = pipeline.query_affixes
     return resolved
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fp:
+        for chunk in iter(lambda: fp.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(config: RunConfig, pipeline: TrainablePipeline | None) -> dict[str, str]:
+    """A short digest of each part of the pipeline a run trains against, and of its ``documents`` file's content:
+    what a resumed run must find unchanged (:func:`dro_plugins.training.run_folder.prepare` compares them), since the
+    run config names the pipeline and corpus only by path.
+
+    Returns:
+        ``{part: 16 hex digits}``; empty without a pipeline.
+    """
+    if pipeline is None:
+        return {}
+    parts = {part: _digest(value) for part, value in pipeline.fingerprint_parts().items()}
+    if config.documents is not None:
+        parts["documents"] = _file_digest(config.documents)
+    return parts
 
 
 def dense_index(config: RunConfig, pipeline: TrainablePipeline | None):

@@ -202,9 +202,11 @@ def test_optimize_writes_a_pipeline_that_loads_and_answers_in_a_fresh_process(tm
     assert written["components"]["dro_selector"]["init_parameters"]["top_k"] == 3
     assert written["components"]["retriever"]["init_parameters"]["top_k"] == 10
     assert {"sender": "dro_selector.documents", "receiver": "prompt_builder.documents"} in written["connections"]
-    # model folders inside the run are relative to pipeline.yaml, so the run folder can move
-    assert written["components"]["llm"]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] == "generator-model"
-    assert written["components"]["dro_selector"]["init_parameters"]["model"] == "."
+    # model folders are absolute (Haystack's own loader works from anywhere) and the run folder is recorded (moves)
+    run = (tmp_path / "runs/haystack_nq").resolve()
+    assert written["components"]["llm"]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] == str(run / "generator-model")
+    assert written["components"]["dro_selector"]["init_parameters"]["model"] == str(run)
+    assert written["metadata"] == {"dro_run_dir": str(run)}
     assert "optimized Haystack pipeline" in result.output
     # served as validated: greedy, the trained answer length (the user's rag.yaml says 16, DRO validated 8), and said so
     llm = written["components"]["llm"]["init_parameters"]
@@ -218,11 +220,25 @@ def test_optimize_writes_a_pipeline_that_loads_and_answers_in_a_fresh_process(tm
     assert "pipeline retriever 'retriever' (InMemoryBM25Retriever)" in validated.output
     assert f"pipeline generator model {(tmp_path / 'models/generator').resolve()}" in validated.output
 
+    # the prompt template edited under the same path: the finished run is not resumed against it
+    (tmp_path / "rag.yaml").write_text(original.decode().replace("Answer the question", "Reply to the question"))
+    rerun = runner.invoke(app, ["optimize", "config.yaml", *sum((["--set", o] for o in overrides), [])])
+    assert rerun.exit_code == 2
+    assert "holds a run trained against another pipeline (prompt template changed)" in " ".join(rerun.output.split())
+    (tmp_path / "rag.yaml").write_bytes(original)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with (run / "pipeline.yaml").open() as fp:
+        plain = Pipeline.load(fp)  # Haystack's loader, another working directory, nothing of ours in between
+    plain.warm_up()
+    assert plain.get_component("dro_selector")._selector is not None
+    monkeypatch.chdir(tmp_path)
+
     moved = tmp_path / "shared" / "moved-run"
     moved.parent.mkdir()
     shutil.move(tmp_path / "runs/haystack_nq", moved)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
     answer = subprocess.run(
         [sys.executable, str(tmp_path / "app.py"), "who sang i will always love you", "--corpus", str(nq / "corpus.jsonl"),
          "--pipeline", str(moved / "pipeline.yaml")],
@@ -290,6 +306,38 @@ def test_unusable_pipelines_get_one_clear_line(tmp_path, tiny_model_dir, write_c
     assert len(result.output.strip().splitlines()) <= 4  # one message, wrapped by the terminal width at most
     assert re.search(message, " ".join(result.output.split())), result.output
     assert pipeline_yaml.read_bytes() == before
+
+
+def test_the_fingerprint_is_stable_across_loads_and_names_the_part_that_changed(tmp_path, tiny_model_dir, write_config):
+    from dro_plugins.pipeline import fingerprint
+
+    tree = yaml.safe_load((EXAMPLE / "rag.yaml").read_text().replace("models/generator", str(tiny_model_dir)))
+    del tree["components"]["retriever"]["init_parameters"]["document_store"]["init_parameters"]["index"]  # a uuid per load
+    pipeline_yaml = tmp_path / "rag.yaml"
+
+    def parts(edit=lambda t: None, documents=None):
+        edited = yaml.safe_load(yaml.safe_dump(tree))
+        edit(edited)
+        pipeline_yaml.write_text(yaml.safe_dump(edited))
+        run = _run_tree(pipeline_yaml) | ({"documents": str(documents)} if documents else {})
+        config = load_config(write_config(run))
+        return fingerprint(config, HaystackPipeline(config, index_documents=False))
+
+    first = parts()
+    assert set(first) == {"graph", "prompt template", "generator settings", "retrieval settings", "documents"}
+    assert parts() == first
+
+    def changed(**kwargs):
+        return sorted(part for part, digest in parts(**kwargs).items() if first[part] != digest)
+
+    template = tree["components"]["prompt_builder"]["init_parameters"]["template"][0]["content"][0]
+    assert changed(edit=lambda t: t["components"]["prompt_builder"]["init_parameters"]["template"][0]["content"][0].update(
+        text=template["text"].replace("short phrase", "few words"))) == ["prompt template"]
+    assert changed(edit=lambda t: t["components"]["llm"]["init_parameters"]["generation_kwargs"].update(max_new_tokens=64)) == ["generator settings"]
+    assert changed(edit=lambda t: t["components"]["retriever"]["init_parameters"].update(top_k=7)) == ["retrieval settings"]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes((SHARED_DATA / "nq" / "corpus.jsonl").read_bytes()[:-1] + b" \n")
+    assert changed(documents=corpus) == ["documents"]
 
 
 def test_a_component_name_that_does_not_exist(tmp_path, tiny_model_dir, write_config):
@@ -361,23 +409,24 @@ def test_dense_pipeline_trains_its_retriever_and_exports_the_fine_tuned_query_en
 
     written = yaml.safe_load((run / "pipeline.yaml").read_text())
     assert "dro_selector" not in written["components"]  # serving needs no extra component
-    assert written["components"]["text_embedder"]["init_parameters"]["model"] == "selector"
+    assert written["components"]["text_embedder"]["init_parameters"]["model"] == str(run.resolve() / "selector")
     assert written["components"]["retriever"]["init_parameters"]["top_k"] == 3
-    assert written["components"]["llm"]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] == "generator-model"
+    assert written["components"]["llm"]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] == str(run.resolve() / "generator-model")
 
-    # plain Haystack, in a new process (relative folders resolve against the working directory: the run folder)
+    # plain Haystack, in a new process whose working directory is not the run folder
     script = (
         "import sys, torch; from haystack import Pipeline; from sentence_transformers import SentenceTransformer\n"
-        "pipeline = Pipeline.load(open('pipeline.yaml'))\n"
+        "pipeline = Pipeline.load(open(sys.argv[3]))\n"
         "embedder = pipeline.get_component('text_embedder'); embedder.warm_up()\n"
         "served = torch.tensor(embedder.run(text=sys.argv[1])['embedding'])\n"
-        "trained = SentenceTransformer('selector', device='cpu').encode(sys.argv[1], convert_to_tensor=True)\n"
+        "trained = SentenceTransformer(sys.argv[4], device='cpu').encode(sys.argv[1], convert_to_tensor=True)\n"
         "original = SentenceTransformer(sys.argv[2], device='cpu').encode(sys.argv[1], convert_to_tensor=True)\n"
         "print((served - trained).abs().max().item(), (served - original).abs().max().item())"
     )
     loaded = subprocess.run(
-        [sys.executable, "-c", script, "who sang i will always love you", str(tmp_path / "models" / "retriever")],
-        cwd=run, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [sys.executable, "-c", script, "who sang i will always love you", str(tmp_path / "models" / "retriever"),
+         "runs/haystack_nq_dense/pipeline.yaml", str(run / "selector")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     to_trained, to_original = (float(v) for v in loaded.stdout.split()[-2:])

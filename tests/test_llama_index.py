@@ -161,13 +161,13 @@ def test_training_ids_are_the_ids_the_llm_reads(name, tiny_model_dir, real_tiny_
     [
         (None, r"pipeline\.llama_index: .*missing\.py not found"),
         ("def other():\n    pass\n", r"factory\.py has no function 'build'"),
-        ("def build():\n    return 42\n", r"returned a int, not a RetrieverQueryEngine"),
+        ("def build():\n    return 42\n", r"returned int, not a RetrieverQueryEngine"),
         (
             "from llama_index.core import MockEmbedding, VectorStoreIndex\nfrom llama_index.core.llms import MockLLM\n"
             "from llama_index.core.schema import TextNode\n"
             "def build():\n    index = VectorStoreIndex([TextNode(text='x')], embed_model=MockEmbedding(embed_dim=4))\n"
             "    return index.as_query_engine(llm=MockLLM())\n",
-            r"the engine's LLM is a MockLLM, not a local HuggingFaceLLM.*swap it for HuggingFaceLLM.*train the selector alone",
+            r"the engine's LLM \(MockLLM\) is not a local HuggingFaceLLM.*swap it for HuggingFaceLLM.*train the selector alone",
         ),
         *(
             (
@@ -189,6 +189,39 @@ def test_unusable_factories_get_one_clear_line(tmp_path, write_config, body, mes
     result = CliRunner().invoke(app, ["validate", str(write_config(_run_tree(factory)))])
     assert result.exit_code == 2
     assert re.search(message, " ".join(result.output.split())), result.output
+
+
+def test_the_fingerprint_names_the_engine_part_that_changed(tmp_path, tiny_model_dir, write_config):
+    from dro_plugins.config import load_config
+    from dro_plugins.pipeline import fingerprint
+    from llama_index.postprocessor.dro.engine import LlamaIndexPipeline
+
+    def parts(engine_options: str) -> dict:
+        factory = _write_factory(
+            tmp_path,
+            "import sys\n"
+            f"sys.path.insert(0, {str(REPO)!r})\n"
+            "from tests.test_llama_index import NODES, tiny_llm\n"
+            "from llama_index.core import PromptTemplate, VectorStoreIndex\nfrom llama_index.core.embeddings import MockEmbedding\n"
+            "from llama_index.core.postprocessor import SimilarityPostprocessor\n"
+            "def build():\n"
+            "    index = VectorStoreIndex(NODES, embed_model=MockEmbedding(embed_dim=8))\n"
+            f"    return index.as_query_engine(llm=tiny_llm({str(tiny_model_dir)!r}), {engine_options})\n",
+        )
+        config = load_config(write_config(_run_tree(factory)))
+        pipeline = LlamaIndexPipeline(config)
+        pipeline.retrieve("which passage is about oslo?", 4)  # sets similarity_top_k: the fingerprint is the factory's
+        return fingerprint(config, pipeline)
+
+    first = parts("similarity_top_k=3")
+    assert set(first) == {"graph", "prompt template", "generator settings", "retrieval settings"} and parts("similarity_top_k=3") == first
+
+    def changed(options: str) -> list[str]:
+        return sorted(part for part, digest in parts(options).items() if first[part] != digest)
+
+    assert changed("similarity_top_k=5") == ["retrieval settings"]
+    assert changed("similarity_top_k=3, text_qa_template=PromptTemplate('{context_str} Q: {query_str} A:')") == ["prompt template"]
+    assert changed("similarity_top_k=3, node_postprocessors=[SimilarityPostprocessor(similarity_cutoff=0.1)]") == ["graph"]
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="../shared/data is not beside the checkout")
@@ -240,6 +273,40 @@ def test_optimize_on_the_example_factory_and_serve_in_a_fresh_process(tmp_path, 
     )
     assert served.returncode == 0, served.stderr[-2000:]
     assert served.stdout.split() == ["2", "str"]
+
+
+def test_a_bm25_engine_from_args_trains_and_serves(tmp_path, write_config, tiny_model_dir, monkeypatch):
+    """``RetrieverQueryEngine.from_args(BM25Retriever...)``, as the BM25 tutorial builds it, trains and serves."""
+    pytest.importorskip("llama_index.retrievers.bm25")
+    _example_factory(tmp_path, tiny_model_dir)  # writes the corpus slice
+    factory = _write_factory(
+        tmp_path,
+        "import json, sys\nfrom pathlib import Path\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from tests.test_llama_index import tiny_llm\n"
+        "from llama_index.core.query_engine import RetrieverQueryEngine\nfrom llama_index.core.schema import TextNode\n"
+        "from llama_index.postprocessor.dro import DROSelectorPostprocessor\nfrom llama_index.retrievers.bm25 import BM25Retriever\n"
+        "def build(run_dir=None):\n"
+        f"    lines = Path({str(tmp_path / 'corpus.jsonl')!r}).read_text().splitlines()\n"
+        "    nodes = [TextNode(id_=p['id'], text=p['text'], metadata={'title': p['title']}) for p in map(json.loads, lines)]\n"
+        "    retriever = BM25Retriever.from_defaults(nodes=nodes, similarity_top_k=4)\n"
+        "    if run_dir is None:\n"
+        f"        return RetrieverQueryEngine.from_args(retriever, llm=tiny_llm({str(tiny_model_dir)!r}))\n"
+        "    return RetrieverQueryEngine.from_args(retriever, llm=tiny_llm(Path(run_dir) / 'generator-model'),\n"
+        "                                          node_postprocessors=[DROSelectorPostprocessor.from_pretrained(run_dir)])\n",
+    )
+    monkeypatch.chdir(tmp_path)
+    tree = _run_tree(factory, warmup={"generator_steps": 2, "selector_steps": 2}, dro={"iterations": 1, "num_samples": 2})
+    tree["output_dir"] = str(tmp_path / "run")
+    result = CliRunner().invoke(app, ["optimize", str(write_config(tree))])
+    assert result.exit_code == 0, result.output
+    validated = CliRunner().invoke(app, ["validate", str(write_config(tree))])
+    assert "pipeline retriever (BM25Retriever, similarity_top_k=4)" in validated.output
+
+    from llama_index.postprocessor.dro.engine import load_factory
+
+    response = load_factory(factory)(run_dir=tmp_path / "run").query("who sang i will always love you")
+    assert len(response.source_nodes) == 2 and isinstance(response.response, str)
 
 
 def test_retriever_selector_trains_the_engines_embedding_model_and_the_factory_serves_it(tmp_path, write_config, tiny_model_dir, monkeypatch):

@@ -96,3 +96,33 @@ def test_a_second_optimize_on_a_folder_in_use_is_refused_naming_the_holder(finis
     assert _sha(root / "run" / "report.json") == before, "--restart must not delete a folder another run writes"
     with locked(root / "run"):  # released on exit: it can be taken again
         pass
+
+
+def test_a_resume_against_a_changed_pipeline_is_refused_unless_asked(finished_run, tmp_path):
+    from dro_plugins.config import dump_config, load_config
+    from dro_plugins.training.run_folder import RunPaths, prepare
+
+    shutil.copytree(finished_run, tmp_path / "work")
+    root = tmp_path / "work"
+    (root / "config.yaml").write_text(yaml.safe_dump(_base_tree(root)))
+    config = load_config(root / "config.yaml")
+    paths = RunPaths(root / "run")
+    paths.config.write_text(dump_config(config))  # the copy's saved config names the copy's files
+    paths.fingerprint.unlink(missing_ok=True)
+    trained = {"graph": "aaaa", "prompt template": "1111", "documents": "d0"}
+
+    # a run folder from before fingerprints adopts this run's; the same pipeline resumes silently
+    assert prepare(config, root / "config.yaml", False, trained) == [f"resuming the run in {paths.root}"]
+    assert yaml.safe_load(paths.fingerprint.read_text()) == trained
+    assert prepare(config, root / "config.yaml", False, dict(trained)) == [f"resuming the run in {paths.root}"]
+
+    edited = trained | {"prompt template": "2222", "documents": "d1"}
+    with pytest.raises(DROError, match=r"another pipeline \(documents, prompt template changed\); pass --restart .* --resume-anyway"):
+        prepare(config, root / "config.yaml", False, edited)
+    assert yaml.safe_load(paths.fingerprint.read_text()) == trained, "a refused resume keeps what the run trained against"
+
+    lines = prepare(config, root / "config.yaml", False, edited, resume_anyway=True)
+    assert lines[0] == "resuming with the changed pipeline (documents, prompt template), as --resume-anyway asked"
+    assert yaml.safe_load(paths.fingerprint.read_text()) == edited
+
+    assert prepare(config, root / "config.yaml", True, trained) == [] and yaml.safe_load(paths.fingerprint.read_text()) == trained

@@ -14,6 +14,7 @@ same graph with the text embedder pointing at the fine-tuned query tower (``sele
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from pathlib import Path
@@ -31,6 +32,7 @@ from dro_plugins.errors import PipelineError
 from dro_plugins.files import atomic_write_text
 from dro_plugins.modeling.generator import PromptEncoder, PromptRenderer
 from dro_plugins.modeling.tokenization import encode_like_transformers_pipeline
+from dro_plugins.reporting.progress import Track, no_progress
 from dro_plugins.build import export_generator
 from dro_plugins.training.run_folder import RunPaths
 from haystack_integrations.components.rankers.dro.selector import DROSelector, document_to_passage
@@ -40,27 +42,34 @@ TRAINABLE_GENERATOR = "TransformersChatGenerator"
 PROMPT_BUILDERS = ("ChatPromptBuilder", "PromptBuilder")
 
 
-class RelativeModelPaths(YamlMarshaller):
-    """Haystack's YAML marshaller, with components' local ``model`` folders relative to the YAML file's folder.
+RUN_DIR_KEY = "dro_run_dir"  # the pipeline metadata key holding the run folder the exported paths were written in
 
-    Writing, a ``model`` setting (at any depth of a component's ``init_parameters``) that is a folder inside
-    ``folder`` is written relative to it; reading, a relative one that names a folder there becomes absolute.
-    So a run folder's ``pipeline.yaml`` still loads after the folder is moved, from any working directory.
+
+class RunFolderPaths(YamlMarshaller):
+    """Haystack's YAML marshaller that re-bases the model folders of a moved run folder.
+
+    An exported ``pipeline.yaml`` names its models by absolute path (so Haystack's own ``Pipeline.load`` works from
+    any working directory) and records the run folder it was written in as ``metadata.dro_run_dir``. Reading, a
+    ``model`` setting (at any depth of a component's ``init_parameters``) inside that recorded folder is moved to the
+    same place inside ``folder``, the YAML file's folder now; a relative one (a run exported before the absolute
+    scheme, or a hand-written YAML) is looked up beside the file, then in the current directory.
     """
 
     def __init__(self, folder: Path):
         self.folder = Path(folder).resolve()
 
-    def marshal(self, dict_: dict) -> str:
-        return super().marshal(_map_models(dict_, self._relative))
-
     def unmarshal(self, data_) -> dict:
-        return _map_models(super().unmarshal(data_), lambda model: local_model_path(model, self.folder))
+        tree = super().unmarshal(data_)
+        recorded = (tree.get("metadata") or {}).get(RUN_DIR_KEY)
+        return _map_models(tree, lambda model: self._rebased(model, recorded))
 
-    def _relative(self, model: str) -> str:
+    def _rebased(self, model: str, recorded: str | None) -> str:
         path = Path(model)
-        inside = path.is_absolute() and path.resolve().is_relative_to(self.folder)
-        return os.path.relpath(path.resolve(), self.folder) if inside else model
+        if not path.is_absolute():
+            return local_model_path(model, self.folder)
+        if recorded and path.is_relative_to(recorded):
+            return str(self.folder / path.relative_to(recorded))
+        return model
 
 
 def _map_models(tree, change):
@@ -72,11 +81,19 @@ def _map_models(tree, change):
     return tree
 
 
+def _without_store_index(parameters: dict) -> dict:
+    """A component's ``init_parameters`` without its document store's ``index`` (a uuid when the YAML sets none)."""
+    store = parameters.get("document_store")
+    if not isinstance(store, dict):
+        return parameters
+    store_parameters = {k: v for k, v in store.get("init_parameters", {}).items() if k != "index"}
+    return parameters | {"document_store": store | {"init_parameters": store_parameters}}
+
+
 def load_pipeline(path: Path, allowed_modules: list[str] = ()) -> Pipeline:
     """``Pipeline.load`` under Haystack's default allowlist plus ``allowed_modules``; never ``unsafe``.
 
-    Local model folders in the file are relative to the file's folder (:class:`RelativeModelPaths`), or to the
-    current directory as Haystack reads them.
+    Model folders of a moved run folder are re-based to where the file is now (:class:`RunFolderPaths`).
 
     Raises:
         PipelineError: the file is missing or Haystack refuses to load it.
@@ -86,7 +103,7 @@ def load_pipeline(path: Path, allowed_modules: list[str] = ()) -> Pipeline:
         raise PipelineError(f"{path}: file not found; set pipeline.haystack to your pipeline YAML")
     try:
         with path.open(encoding="utf-8") as fp:
-            return Pipeline.load(fp, marshaller=RelativeModelPaths(path.parent), allowed_modules=list(allowed_modules) or None)
+            return Pipeline.load(fp, marshaller=RunFolderPaths(path.parent), allowed_modules=list(allowed_modules) or None)
     except Exception as exc:  # noqa: BLE001 - Haystack raises several types; each becomes one clear line
         reason = " ".join(str(exc).split())[:300]
         raise PipelineError(
@@ -99,6 +116,7 @@ def _class_name(instance) -> str:
     return type(instance).__name__
 
 
+EMBED_CHUNK = 256  # documents embedded per progress step
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")  # generation settings of sampling, not greedy decoding
 
 class HaystackPipeline:
@@ -108,6 +126,7 @@ class HaystackPipeline:
         config: the run config (``pipeline.haystack`` set; ``pipeline.retriever``/``prompt_builder``/``generator``
             name components when the graph is ambiguous; ``documents`` fills an in-memory store).
         index_documents: write ``documents`` into the store now; False only checks that it could (``dro validate``).
+        track: shows progress while the documents are embedded.
 
     Attributes:
         pipeline: the loaded Haystack pipeline (the file on disk is never written).
@@ -120,7 +139,7 @@ class HaystackPipeline:
 
     exported = "optimized Haystack pipeline (load it with load_pipeline)"
 
-    def __init__(self, config: RunConfig, index_documents: bool = True):
+    def __init__(self, config: RunConfig, index_documents: bool = True, track: Track = no_progress):
         settings = config.pipeline
         self.selector_kind = config.selector.kind
         self.path = Path(settings.haystack)
@@ -139,8 +158,8 @@ class HaystackPipeline:
         self.generator = self.pipeline.get_component(self.generator_name)
         if _class_name(self.generator) != TRAINABLE_GENERATOR:
             raise PipelineError(
-                f"{self.path}: generator '{self.generator_name}' is a {_class_name(self.generator)}, whose weights DRO "
-                f"cannot train; use {TRAINABLE_GENERATOR} (transformers-haystack) with a local or Hugging Face model"
+                f"{self.path}: generator '{self.generator_name}' ({_class_name(self.generator)}) is not a generator "
+                f"whose weights DRO can train; use {TRAINABLE_GENERATOR} (transformers-haystack) with a local or Hugging Face model"
             )
         model = self.generator.huggingface_pipeline_kwargs.get("model")
         if not isinstance(model, str):
@@ -153,7 +172,7 @@ class HaystackPipeline:
         self.query_encoder_model = self._query_encoder_model()
         self.prompt_text("test question", [Passage(id="test", title="title", text="text")])  # fail early, not mid-run
         if config.documents is not None and index_documents:
-            self.index(config.documents)
+            self.index(config.documents, track)
         elif config.documents is not None:  # validation: the store can take the corpus and the corpus reads
             self._in_memory_store()
             load_corpus(config.documents)
@@ -236,6 +255,8 @@ class HaystackPipeline:
                 if connection["receiver"] == f"{self.retriever_name}.query_embedding":
                     name = connection["sender"].split(".", 1)[0]
                     embedder = self.pipeline.get_component(name)
+                    if getattr(embedder, "progress_bar", None):  # one bar per query would flood the training log
+                        embedder.progress_bar = False  # (the loaded copy only: the export starts from the YAML's settings)
                     if hasattr(embedder, "warm_up"):
                         embedder.warm_up()
                     return embedder, name
@@ -265,11 +286,12 @@ class HaystackPipeline:
         """The text the query embedder puts before and after a question (its ``prefix`` and ``suffix``)."""
         return getattr(self._query_embedder, "prefix", "") or "", getattr(self._query_embedder, "suffix", "") or ""
 
-    def index(self, corpus: Path) -> int:
+    def index(self, corpus: Path, track: Track = no_progress) -> int:
         """Write a corpus file into the retriever's in-memory document store; returns the number of documents.
 
         For an embedding retriever the documents are embedded first by Haystack's ``SentenceTransformersDocumentEmbedder``
-        with the text embedder's model (title and text, as the retriever selector embeds them).
+        with the text embedder's model (title and text, as the retriever selector embeds them), ``EMBED_CHUNK``
+        documents per progress step.
 
         Raises:
             PipelineError: the store is not an in-memory store, or the retriever's documents need an embedder DRO
@@ -285,7 +307,8 @@ class HaystackPipeline:
                 model=self.query_encoder_model, meta_fields_to_embed=["title"], normalize_embeddings=True, progress_bar=False
             )
             embedder.warm_up()
-            documents = embedder.run(documents=documents)["documents"]
+            chunks = [documents[i : i + EMBED_CHUNK] for i in range(0, len(documents), EMBED_CHUNK)]
+            documents = [d for chunk in track(chunks, "embed documents", len(chunks)) for d in embedder.run(documents=chunk)["documents"]]
         return store.write_documents(documents, policy=DuplicatePolicy.OVERWRITE)
 
     def _in_memory_store(self) -> InMemoryDocumentStore:
@@ -366,8 +389,8 @@ class HaystackPipeline:
         ``data.num_candidates`` documents, the selector keeps ``selector.top_k``. With a retriever selector, the text
         embedder points at the fine-tuned query tower (``<run_dir>/selector``) and the retriever returns
         ``selector.top_k``; the document store's embeddings (the frozen document tower's) stay valid. Model folders
-        are referenced relative to the file (:class:`RelativeModelPaths`), so the run folder can be moved; load it
-        with :func:`load_pipeline`.
+        are absolute, so ``Pipeline.load`` reads the file from any working directory; the file records the run folder
+        (``metadata.dro_run_dir``), so :func:`load_pipeline` still loads it after the folder is moved.
 
         Raises:
             PipelineError: the pipeline already has a component named ``dro_selector``.
@@ -376,7 +399,7 @@ class HaystackPipeline:
         if SELECTOR_NAME in self.serialized["components"]:
             raise PipelineError(f"{self.path}: already has a component named '{SELECTOR_NAME}'; rename it")
         generator_dir = export_generator(run_dir, RunPaths(run_dir).generator_model)
-        tree = self.pipeline.to_dict()
+        tree = copy.deepcopy(self.serialized)  # the pipeline as loaded, before DRO set anything on its components
         components = tree["components"]
         generator = components[self.generator_name]["init_parameters"]
         generator["huggingface_pipeline_kwargs"]["model"] = str(generator_dir)
@@ -400,6 +423,19 @@ class HaystackPipeline:
         )
         return self._write(tree, run_dir)
 
+    def fingerprint_parts(self) -> dict[str, object]:
+        """The loaded graph by part: components and connections, the prompt builder's settings (its template), the
+        generator's settings, and every other component's settings (a document store's random ``index`` name
+        aside, which Haystack draws anew at each load)."""
+        components = self.serialized["components"]
+        settings = {name: _without_store_index(c.get("init_parameters", {})) for name, c in components.items()}
+        return {
+            "graph": {"components": {name: c["type"] for name, c in components.items()}, "connections": self.serialized["connections"]},
+            "prompt template": settings.pop(self.prompt_builder_name),
+            "generator settings": settings.pop(self.generator_name),
+            "retrieval settings": settings,
+        }
+
     def _served_as_trained(self, generator: dict) -> list[str]:
         """Make the exported generator answer as DRO validated it (greedy, ``generator.max_new_tokens``, an explicit
         task so that loading needs no hub); return what was changed, in words."""
@@ -421,7 +457,8 @@ class HaystackPipeline:
         return notes
 
     def _write(self, tree: dict, run_dir: Path) -> Path:
+        tree["metadata"] = {**(tree.get("metadata") or {}), RUN_DIR_KEY: str(run_dir)}
         optimized = Pipeline.from_dict(tree, allowed_modules=self.allowed_modules or None)
         out = RunPaths(run_dir).pipeline
-        atomic_write_text(out, optimized.dumps(marshaller=RelativeModelPaths(run_dir)))
+        atomic_write_text(out, optimized.dumps())
         return out

@@ -108,7 +108,7 @@ class LlamaIndexPipeline:
             raise PipelineError(f"pipeline.llama_index: your factory `{self.spec}` raised {_user_error(exc)}") from exc
         if not isinstance(engine, RetrieverQueryEngine):
             raise PipelineError(
-                f"pipeline.llama_index: {self.spec} returned a {type(engine).__name__}, not a RetrieverQueryEngine; "
+                f"pipeline.llama_index: {self.spec} returned {type(engine).__name__}, not a RetrieverQueryEngine; "
                 "return index.as_query_engine(...) or a RetrieverQueryEngine"
             )
         mode = MANY_CALL_MODES.get(type(engine._response_synthesizer).__name__)  # no public accessor in 0.14
@@ -129,7 +129,7 @@ class LlamaIndexPipeline:
         self.llm = engine._response_synthesizer._llm  # no public accessor in llama-index-core 0.14
         if not isinstance(self.llm, HuggingFaceLLM):
             raise PipelineError(
-                f"pipeline.llama_index: the engine's LLM is a {type(self.llm).__name__}, not a local HuggingFaceLLM, so DRO "
+                f"pipeline.llama_index: the engine's LLM ({type(self.llm).__name__}) is not a local HuggingFaceLLM, so DRO "
                 "cannot train it; swap it for HuggingFaceLLM(model_name=...), or train the selector alone with a "
                 "DROSelectorPostprocessor on a local stand-in generator (a separate run config without pipeline:)"
             )
@@ -142,8 +142,31 @@ class LlamaIndexPipeline:
                 f"({type(self.retriever).__name__}) does not embed queries with a HuggingFaceEmbedding; use "
                 "index.as_retriever() over a VectorStoreIndex with HuggingFaceEmbedding, or selector.kind lm"
             )
+        self._parts = self._settings(engine)  # before retrieve() sets the retriever's similarity_top_k
         self._nodes: dict = {}
         self._vectors: dict[str, list[float]] = {}  # node id -> the vector the index holds for it (search)
+
+    def _settings(self, engine: RetrieverQueryEngine) -> dict[str, object]:
+        llm = self.llm
+        return {
+            "graph": {
+                "retriever": type(self.retriever).__name__,
+                "node postprocessors": [type(p).__name__ for p in engine._node_postprocessors],
+                "response synthesizer": type(engine._response_synthesizer).__name__,
+            },
+            "prompt template": self.template.get_template(),
+            "generator settings": {
+                "model": llm.model_name, "max_new_tokens": llm.max_new_tokens, "generate_kwargs": llm.generate_kwargs,
+                "system_prompt": llm.system_prompt, "query_wrapper_prompt": str(llm.query_wrapper_prompt),
+                "is_chat_model": llm.is_chat_model, "context_window": llm.context_window,
+            },
+            "retrieval settings": {"similarity_top_k": getattr(self.retriever, "similarity_top_k", None), "embed_model": self.query_encoder_model},
+        }
+
+    def fingerprint_parts(self) -> dict[str, object]:
+        """The engine as the factory built it, by part: retriever, node postprocessors and synthesizer classes, the
+        QA template, the LLM's settings and the retriever's ``similarity_top_k`` and query embedding model."""
+        return self._parts
 
     def components(self) -> list[str]:
         """The trainable units found in the engine, as ``role (Class)`` lines."""

@@ -79,7 +79,7 @@ def fully_shard(model, plugin) -> None:
 
     if not hasattr(model, "get_base_model"):
         raise DROError(
-            f"FSDP shards causal LMs with LoRA adapters, not a {type(model).__name__} (the retriever selector's query "
+            f"FSDP shards causal LMs with LoRA adapters, not {type(model).__name__} (the retriever selector's query "
             "tower): run it with a DDP accelerate config (distributed_type: MULTI_GPU) or torchrun"
         )
     root = fsdp_root(model)

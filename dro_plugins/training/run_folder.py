@@ -130,6 +130,11 @@ class RunPaths:
     def pipeline(self) -> Path:
         return self.root / "pipeline.yaml"
 
+    @property
+    def fingerprint(self) -> Path:
+        """Digests of the pipeline's parts and of the documents the run trained against (:func:`prepare`)."""
+        return self.root / "pipeline-fingerprint.json"
+
     def evaluation(self, data_name: str) -> Path:
         """Predictions and scores of ``dro evaluate`` on a question file (named after its stem)."""
         return self.root / f"{EVALUATION_PREFIX}{data_name}.json"
@@ -142,7 +147,7 @@ class RunPaths:
     def entries(self) -> frozenset[str]:
         """Names a run writes directly under its folder."""
         top = [self.marker, self.lock, self.config, self.metrics, self.report, self.checkpoint, self.samples, self.index,
-               self.plots, self.tensorboard, self.wandb, self.generator_model, self.pipeline, self.error_log,
+               self.plots, self.tensorboard, self.wandb, self.generator_model, self.pipeline, self.fingerprint, self.error_log,
                self.attribution(0).parent, self.tiny_base("selector").parent, self.adapter("selector"), self.adapter("generator")]
         names = {path.relative_to(self.root).parts[0] for path in top}
         return frozenset(names | {self.checkpoint.name + ".tmp", self.checkpoint.name + ".old"})
@@ -290,7 +295,9 @@ def changed_keys(wanted: dict, saved: dict) -> list[str]:
 
 
 @contextmanager
-def opened(config, config_path: Path | None, restart: bool, log) -> Iterator[None]:
+def opened(
+    config, config_path: Path | None, restart: bool, log, fingerprint: dict[str, str] | None = None, resume_anyway: bool = False
+) -> Iterator[None]:
     """Hold ``config.output_dir`` for a run: refuse it (:func:`check`, nothing written), take its lock
     (:func:`locked`), then claim it (:func:`prepare`); the lock is held until the block ends.
 
@@ -299,34 +306,41 @@ def opened(config, config_path: Path | None, restart: bool, log) -> Iterator[Non
     """
     check(Path(config.output_dir), config_inputs(config, config_path))
     with locked(Path(config.output_dir)):
-        line = prepare(config, config_path, restart)
-        if line:
+        for line in prepare(config, config_path, restart, fingerprint, resume_anyway):
             log(line)
         yield
 
 
-def prepare(config, config_path: Path | None, restart: bool) -> str:
+def prepare(
+    config, config_path: Path | None, restart: bool, fingerprint: dict[str, str] | None = None, resume_anyway: bool = False
+) -> list[str]:
     """Claim ``config.output_dir`` for this run (:func:`claim`) and say whether the run starts, starts over or resumes.
 
     Args:
         config: the resolved run config.
         config_path: the YAML it came from (an input the run folder must not hold), or None.
         restart: start over, deleting what an earlier run wrote there.
+        fingerprint: digests of the pipeline's parts and documents (:func:`dro_plugins.pipeline.fingerprint`); a
+            resume must find those the run saved, unless ``resume_anyway``.
+        resume_anyway: resume although the pipeline or documents changed (the new ones are used from now on).
 
     Returns:
-        one line for the log, or "" for a new run.
+        lines for the log (none for a new run).
 
     Raises:
-        DROError: the folder is refused, or holds a run with a different config (beyond :data:`RESUMABLE_CHANGES`).
+        DROError: the folder is refused, or holds a run with a different config (beyond :data:`RESUMABLE_CHANGES`),
+            or one trained against another pipeline or documents (without ``resume_anyway``).
     """
     from dro_plugins.config import load_config
     from dro_plugins.training.checkpoint import find_checkpoint
 
     paths = RunPaths(Path(config.output_dir))
     inputs = config_inputs(config, config_path)
+    fingerprint = fingerprint or {}
     if restart or not paths.config.is_file():
         claim(paths.root, inputs, restart=True)  # only what a run wrote is deleted; a user's files are refused or kept
-        return ""
+        atomic_write_text(paths.fingerprint, json.dumps(fingerprint, indent=1) + "\n")
+        return []
     claim(paths.root, inputs, restart=False)  # refused before the saved config is read: it may be the user's own
     saved = load_config(paths.config).model_dump(mode="json")
     changed = [key for key in changed_keys(config.model_dump(mode="json"), saved) if key not in RESUMABLE_CHANGES]
@@ -335,9 +349,27 @@ def prepare(config, config_path: Path | None, restart: bool) -> str:
             f"output_dir {paths.root} holds a run with a different config ({', '.join(changed)}); "
             "pass --restart to start over there, or set output_dir to a new folder"
         )
+    lines = _compare_fingerprints(paths, fingerprint, resume_anyway)
     if find_checkpoint(paths.checkpoint) is not None:
-        return f"resuming the run in {paths.root}"
-    return f"starting over in {paths.root}: the run there stopped before its first checkpoint"
+        return lines + [f"resuming the run in {paths.root}"]
+    return lines + [f"starting over in {paths.root}: the run there stopped before its first checkpoint"]
+
+
+def _compare_fingerprints(paths: RunPaths, fingerprint: dict[str, str], resume_anyway: bool) -> list[str]:
+    """Refuse a resume whose pipeline parts or documents differ from those the run saved; with ``resume_anyway``
+    keep the new ones and say what changed. A run folder from before fingerprints gets this run's."""
+    try:
+        saved = json.loads(paths.fingerprint.read_text(encoding="utf-8")) if paths.fingerprint.is_file() else fingerprint
+    except (OSError, ValueError):
+        saved = {}
+    changed = sorted(part for part in set(saved) | set(fingerprint) if saved.get(part) != fingerprint.get(part))
+    if changed and not resume_anyway:
+        raise DROError(
+            f"output_dir {paths.root} holds a run trained against another pipeline ({', '.join(changed)} changed); pass "
+            "--restart to start over, or --resume-anyway to go on training with the new one"
+        )
+    atomic_write_text(paths.fingerprint, json.dumps(fingerprint, indent=1) + "\n")
+    return [f"resuming with the changed pipeline ({', '.join(changed)}), as --resume-anyway asked"] if changed else []
 
 
 @contextmanager

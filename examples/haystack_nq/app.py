@@ -27,7 +27,8 @@ EMPTY_ANSWER = (
 def load_optimized(pipeline_yaml: Path, corpus: Path) -> Pipeline:
     """Load the optimized pipeline (default allowlist, no unsafe flag) and fill its in-memory store from the corpus.
 
-    ``load_pipeline`` reads the run folder's model paths relative to the YAML file, so the run folder can be moved.
+    ``Pipeline.load`` reads the file from any folder; ``load_pipeline`` also re-bases its model paths when the run
+    folder was moved.
     """
     pipeline = load_pipeline(pipeline_yaml)
     store = pipeline.get_component("retriever").document_store
