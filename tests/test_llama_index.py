@@ -224,6 +224,42 @@ def test_the_fingerprint_names_the_engine_part_that_changed(tmp_path, tiny_model
     assert changed("similarity_top_k=3, node_postprocessors=[SimilarityPostprocessor(similarity_cutoff=0.1)]") == ["graph"]
 
 
+def test_the_engines_node_postprocessors_shape_the_candidates_as_serving_applies_them(tmp_path, tiny_model_dir, write_config):
+    from dro_plugins.config import load_config
+    from llama_index.postprocessor.dro.engine import LlamaIndexPipeline
+
+    def factory(postprocessors: str) -> str:
+        return _write_factory(
+            tmp_path,
+            "import sys\n"
+            f"sys.path.insert(0, {str(REPO)!r})\n"
+            "from tests.test_llama_index import NODES, tiny_llm\n"
+            "from llama_index.core import VectorStoreIndex\nfrom llama_index.core.embeddings import MockEmbedding\n"
+            "from llama_index.core.postprocessor import SimilarityPostprocessor\n"
+            "from llama_index.core.postprocessor.types import BaseNodePostprocessor\n"
+            "from llama_index.postprocessor.dro import DROSelectorPostprocessor\n"
+            "class NoOslo(BaseNodePostprocessor):\n"
+            "    def _postprocess_nodes(self, nodes, query_bundle=None):\n"
+            "        return [n for n in nodes if 'oslo' not in n.node.get_content()]\n"
+            "def build():\n"
+            "    index = VectorStoreIndex(NODES, embed_model=MockEmbedding(embed_dim=8))\n"
+            f"    return index.as_query_engine(llm=tiny_llm({str(tiny_model_dir)!r}), similarity_top_k=6, node_postprocessors={postprocessors})\n",
+        )
+
+    used = factory("[SimilarityPostprocessor(similarity_cutoff=0.0), NoOslo()]")
+    pipeline = LlamaIndexPipeline(load_config(write_config(_run_tree(used))))
+    candidates = pipeline.retrieve("which passage is about oslo?", 6)
+    assert len(candidates) == 5 and not any("oslo" in p.text for p in candidates)  # the retriever alone returns all 6
+    validated = CliRunner().invoke(app, ["validate", str(write_config(_run_tree(used)))])
+    assert "node postprocessors SimilarityPostprocessor, NoOslo (applied to the candidates, before the DRO selector)" in " ".join(validated.output.split())
+
+    refused = CliRunner().invoke(app, ["validate", str(write_config(_run_tree(used, selector={"kind": "retriever", "top_k": 2})))])
+    assert refused.exit_code == 2 and "node postprocessors (SimilarityPostprocessor, NoOslo) change them first; use selector.kind lm" in " ".join(refused.output.split())
+    twice = factory(f"[DROSelectorPostprocessor(model={str(tiny_model_dir)!r})]")
+    refused = CliRunner().invoke(app, ["validate", str(write_config(_run_tree(twice)))])
+    assert refused.exit_code == 2 and "already has a DROSelectorPostprocessor" in " ".join(refused.output.split())
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="../shared/data is not beside the checkout")
 def _example_factory(tmp_path, tiny_model_dir) -> str:
     """The example app's factory over a corpus slice (the candidates of the questions used: the MiniLM index

@@ -1,10 +1,11 @@
 """A Haystack pipeline as the thing DRO trains (:class:`dro_plugins.pipeline.TrainablePipeline`).
 
 The pipeline YAML is loaded with Haystack's own loader under its deserialization allowlist (plus the modules the
-run config names). From its graph come the retriever (candidates), the prompt builder (the generator's prompt
-text) and a ``TransformersChatGenerator`` (the generator model). After training, :meth:`HaystackPipeline.export`
-writes the same pipeline with a :class:`DROSelector` between retriever and prompt builder and the generator pointing
-at the fine-tuned weights.
+run config names). From its graph come the candidate source (whatever sends documents to the prompt builder: one
+retriever, a joiner of several, a ranker after them, with everything upstream), the prompt builder (the generator's
+prompt text) and a ``TransformersChatGenerator`` (the generator model). After training,
+:meth:`HaystackPipeline.export` writes the same pipeline with a :class:`DROSelector` between the candidate source and
+the prompt builder and the generator pointing at the fine-tuned weights.
 
 With ``selector.kind: retriever`` the trainable selector is the pipeline's own retriever: a text embedder
 (``SentenceTransformersTextEmbedder``) feeding an embedding retriever. Its model is the query tower; each E-step
@@ -117,6 +118,7 @@ def _class_name(instance) -> str:
 
 
 EMBED_CHUNK = 256  # documents embedded per progress step
+QUESTION_INPUTS = ("query", "text")  # candidate-source inputs that take the question (retrievers, rankers; text embedders)
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")  # generation settings of sampling, not greedy decoding
 
 class HaystackPipeline:
@@ -128,8 +130,17 @@ class HaystackPipeline:
         index_documents: write ``documents`` into the store now; False only checks that it could (``dro validate``).
         track: shows progress while the documents are embedded.
 
+    The candidates are whatever reaches the prompt builder's documents input: the *candidate source* is the
+    component that sends them (a retriever, a ``DocumentJoiner`` of several, a ranker after them; or the one
+    ``pipeline.retriever`` names) with every component upstream of it, run as Haystack runs them. The DRO selector goes
+    on the edge from the candidate source to the prompt builder. A ranker there is kept by default (the selector
+    picks ``selector.top_k`` of its output); naming the component before it as ``pipeline.retriever`` replaces it
+    (it is left out of training and of the export). Every candidate-source component that takes ``top_k`` returns
+    ``data.num_candidates``, in training and in the export.
+
     Attributes:
-        pipeline: the loaded Haystack pipeline (the file on disk is never written).
+        source: the loaded pipeline cut to the candidate source (the file on disk is never written).
+        source_name: the component whose documents are the candidates; ``source_names`` it and all upstream of it.
         generator_model: HF id or folder of the generator component's model.
 
     Raises:
@@ -148,14 +159,29 @@ class HaystackPipeline:
         self.top_k = config.selector.top_k
         self.max_new_tokens = config.generator.max_new_tokens
         self.export_notes: list[str] = []
-        self.pipeline = load_pipeline(self.path, self.allowed_modules)
-        self.serialized = self.pipeline.to_dict()
-        self.retriever_name = self._find("retriever", settings.retriever, lambda c: _class_name(c).endswith("Retriever"))
+        self.source = load_pipeline(self.path, self.allowed_modules)  # cut to the candidate source below
+        self.serialized = self.source.to_dict()
+        self._instances = dict(self.source.walk())
         self.prompt_builder_name = self._find("prompt_builder", settings.prompt_builder, lambda c: _class_name(c) in PROMPT_BUILDERS)
         self.generator_name = self._find("generator", settings.generator, lambda c: _class_name(c).endswith("Generator"))
-        self.retriever = self.pipeline.get_component(self.retriever_name)
-        self.prompt_builder = self.pipeline.get_component(self.prompt_builder_name)
-        self.generator = self.pipeline.get_component(self.generator_name)
+        self.prompt_builder = self._instances[self.prompt_builder_name]
+        self.generator = self._instances[self.generator_name]
+        self.documents_variable, self.source_name, self.replaced = self._selector_slot(settings.retriever)
+        self.source_names = self._upstream(self.source_name)
+        retrievers = [n for n in self.source_names if _class_name(self._instances[n]).endswith("Retriever")]
+        if not retrievers:
+            raise PipelineError(
+                f"{self.path}: no retriever upstream of '{self.source_name}', which sends the prompt builder its documents; "
+                "DRO needs a retriever to draw candidates from"
+            )
+        self.retriever_names = retrievers
+        self.retriever_name = self._dense_retriever(retrievers) if len(retrievers) > 1 else retrievers[0]
+        self.retriever = self._instances[self.retriever_name]
+        if self.selector_kind == "retriever" and self.source_name != self.retriever_name:
+            raise PipelineError(
+                f"selector.kind retriever serves the retriever's own top documents, but here they pass through "
+                f"'{self.source_name}' before the prompt builder; use selector.kind lm (it selects from '{self.source_name}')"
+            )
         if _class_name(self.generator) != TRAINABLE_GENERATOR:
             raise PipelineError(
                 f"{self.path}: generator '{self.generator_name}' ({_class_name(self.generator)}) is not a generator "
@@ -165,24 +191,30 @@ class HaystackPipeline:
         if not isinstance(model, str):
             raise PipelineError(f"{self.path}: generator '{self.generator_name}' must name its model by id or path")
         self.generator_model = model
-        self.documents_variable = self._documents_socket()
         self.question_variable = self._question_variable(settings.question_variable)
         self._documents: dict[str, Document] = {}
         self._query_embedder, self.query_embedder_name = self._query_input()
         self.query_encoder_model = self._query_encoder_model()
+        self._cut_to_source()
+        self._source_inputs = self._question_inputs()
         self.prompt_text("test question", [Passage(id="test", title="title", text="text")])  # fail early, not mid-run
         if config.documents is not None and index_documents:
             self.index(config.documents, track)
         elif config.documents is not None:  # validation: the store can take the corpus and the corpus reads
-            self._in_memory_store()
+            self._in_memory_stores()
             load_corpus(config.documents)
 
     def components(self) -> list[str]:
-        """The trainable units found in the graph, as ``role 'name' (Class)`` lines."""
-        units = (("retriever", self.retriever_name), ("prompt builder", self.prompt_builder_name), ("generator", self.generator_name))
+        """The graph DRO trains, as lines: the candidate source's components, the selector's slot, the prompt
+        builder and the generator (``role 'name' (Class)``)."""
+        units = [("retriever", name) for name in self.retriever_names] + [("prompt builder", self.prompt_builder_name), ("generator", self.generator_name)]
         if self.query_embedder_name is not None:
-            units = (("query embedder", self.query_embedder_name), *units)
-        named = [f"{role} '{name}' ({_class_name(self.pipeline.get_component(name))})" for role, name in units]
+            units = [("query embedder", self.query_embedder_name), *units]
+        named = [f"{role} '{name}' ({_class_name(self._instances[name])})" for role, name in units]
+        source = ", ".join(f"'{n}' ({_class_name(self._instances[n])})" for n in self.source_names)
+        slot = f"{self.source_name}.documents -> {self.prompt_builder_name}.{self.documents_variable}"
+        named.append(f"candidate source {source}")
+        named.append(f"selector slot {slot}" + (f" (replaces {', '.join(self.replaced)})" if self.replaced else ""))
         encoder = [f"query encoder model {self.query_encoder_model}"] if self.query_encoder_model else []
         warning = []
         if "task" not in self.generator.huggingface_pipeline_kwargs:
@@ -202,7 +234,7 @@ class HaystackPipeline:
                     f"pipeline.{unit}: no component named '{name}' in {self.path}; its components are {self._names()}"
                 )
             return name
-        found = [n for n, c in self.pipeline.walk() if matches(c)]
+        found = [n for n, c in self._instances.items() if matches(c)]
         what = unit.replace("_", " ")
         if not found:
             raise PipelineError(
@@ -213,17 +245,91 @@ class HaystackPipeline:
             raise PipelineError(f"{self.path}: {len(found)} {what}s found ({', '.join(found)}); name one with pipeline.{unit}")
         return found[0]
 
-    def _documents_socket(self) -> str:
-        """The prompt builder's input that receives the retriever's documents (where the selector goes)."""
+    def _senders(self, receiver: str) -> list[tuple[str, str, str]]:
+        """``(sender, sender socket, receiver socket)`` of each connection into component ``receiver``."""
+        found = []
         for connection in self.serialized["connections"]:
-            sender, receiver = connection["sender"].split(".", 1), connection["receiver"].split(".", 1)
-            if sender == [self.retriever_name, "documents"] and receiver[0] == self.prompt_builder_name:
-                return receiver[1]
-        raise PipelineError(
-            f"{self.path}: the retriever '{self.retriever_name}' must send its documents straight to the prompt builder "
-            f"'{self.prompt_builder_name}' (connect {self.retriever_name}.documents -> {self.prompt_builder_name}.documents); "
-            "the DRO selector is inserted on that connection"
-        )
+            (sender, out), (into, socket) = connection["sender"].split(".", 1), connection["receiver"].split(".", 1)
+            if into == receiver:
+                found.append((sender, out, socket))
+        return found
+
+    def _upstream(self, name: str) -> list[str]:
+        """``name`` and every component it depends on, in the pipeline's order."""
+        wanted, frontier = {name}, [name]
+        while frontier:
+            for sender, _, _ in self._senders(frontier.pop()):
+                if sender not in wanted:
+                    wanted.add(sender)
+                    frontier.append(sender)
+        return [n for n, _ in self._instances.items() if n in wanted]
+
+    def _selector_slot(self, named: str | None) -> tuple[str, str, list[str]]:
+        """``(prompt builder's documents input, candidate source, components the selector replaces)``.
+
+        The candidate source is the component sending documents to the prompt builder, or ``named`` when it is
+        upstream of that one (then the components between them are replaced by the selector).
+
+        Raises:
+            PipelineError: nothing sends documents to the prompt builder, or ``named`` is not upstream of it.
+        """
+        into = [(sender, socket) for sender, out, socket in self._senders(self.prompt_builder_name) if out == "documents"]
+        if len(into) != 1:
+            raise PipelineError(
+                f"{self.path}: {'no component sends' if not into else f'{len(into)} components send'} documents to the "
+                f"prompt builder '{self.prompt_builder_name}'; DRO puts its selector on the one connection that does "
+                "(connect a retriever, joiner or ranker's documents to it)"
+            )
+        last, socket = into[0]
+        if named is None or named == last:
+            return socket, last, []
+        if named not in self.serialized["components"]:
+            raise PipelineError(f"pipeline.retriever: no component named '{named}' in {self.path}; its components are {self._names()}")
+        upstream = self._upstream(last)
+        if named not in upstream:
+            raise PipelineError(
+                f"pipeline.retriever: '{named}' does not feed the documents that reach the prompt builder (those come from "
+                f"{', '.join(upstream)}); name one of them"
+            )
+        replaced = [n for n in upstream if n != named and named in self._upstream(n)]
+        return socket, named, replaced
+
+    def _dense_retriever(self, retrievers: list[str]) -> str:
+        """The one retriever of several that a retriever selector can train (an embedding retriever); the first one
+        otherwise (an LM selector only uses it to tell the document store)."""
+        dense = [n for n in retrievers if "query_embedding" in inspect.signature(self._instances[n].run).parameters]
+        if self.selector_kind == "retriever":
+            raise PipelineError(
+                f"selector.kind retriever trains one embedding retriever's query tower over its own pool, but the "
+                f"candidates here come from {len(retrievers)} retrievers ({', '.join(retrievers)}) joined; use selector.kind lm "
+                "(it trains over the joined candidates)"
+            )
+        return dense[0] if dense else retrievers[0]
+
+    def _cut_to_source(self) -> None:
+        """Take every component but the candidate source's out of the loaded pipeline (the prompt builder and the
+        generator are then called directly, outside any pipeline)."""
+        for name in self._instances:
+            if name not in self.source_names:
+                self.source.remove_component(name)
+
+    def _question_inputs(self) -> dict[str, list[str]]:
+        """The candidate source's inputs that receive the question (``query``/``text`` inputs nothing else feeds).
+
+        Raises:
+            PipelineError: a component of the candidate source needs another input that nothing feeds.
+        """
+        wanted: dict[str, list[str]] = {}
+        for name, sockets in self.source.inputs().items():
+            for socket, spec in sockets.items():
+                if socket in QUESTION_INPUTS:
+                    wanted.setdefault(name, []).append(socket)
+                elif spec["is_mandatory"]:
+                    raise PipelineError(
+                        f"{self.path}: '{name}' needs the input '{socket}', which DRO cannot give when it retrieves candidates "
+                        f"(it passes the question to {' and '.join(QUESTION_INPUTS)} inputs); give it a default"
+                    )
+        return wanted
 
     def _question_variable(self, named: str | None) -> str:
         variables = [v for v in self.prompt_builder.variables if v != self.documents_variable]
@@ -254,7 +360,7 @@ class HaystackPipeline:
             for connection in self.serialized["connections"]:
                 if connection["receiver"] == f"{self.retriever_name}.query_embedding":
                     name = connection["sender"].split(".", 1)[0]
-                    embedder = self.pipeline.get_component(name)
+                    embedder = self._instances[name]
                     if getattr(embedder, "progress_bar", None):  # one bar per query would flood the training log
                         embedder.progress_bar = False  # (the loaded copy only: the export starts from the YAML's settings)
                     if hasattr(embedder, "warm_up"):
@@ -287,9 +393,10 @@ class HaystackPipeline:
         return getattr(self._query_embedder, "prefix", "") or "", getattr(self._query_embedder, "suffix", "") or ""
 
     def index(self, corpus: Path, track: Track = no_progress) -> int:
-        """Write a corpus file into the retriever's in-memory document store; returns the number of documents.
+        """Write a corpus file into the in-memory document store of each retriever of the candidate source (once per
+        store: retrievers given one store share it); returns the number of documents.
 
-        For an embedding retriever the documents are embedded first by Haystack's ``SentenceTransformersDocumentEmbedder``
+        With an embedding retriever the documents are embedded first by Haystack's ``SentenceTransformersDocumentEmbedder``
         with the text embedder's model (title and text, as the retriever selector embeds them), ``EMBED_CHUNK``
         documents per progress step.
 
@@ -299,7 +406,7 @@ class HaystackPipeline:
             DataError: the corpus file is unreadable.
         """
         documents = [Document(id=p.id, content=p.text, meta={"title": p.title}) for p in load_corpus(corpus)]
-        store = self._in_memory_store()
+        stores = self._in_memory_stores()
         if self._query_embedder is not None:
             from haystack_integrations.components.embedders.sentence_transformers import SentenceTransformersDocumentEmbedder
 
@@ -309,17 +416,28 @@ class HaystackPipeline:
             embedder.warm_up()
             chunks = [documents[i : i + EMBED_CHUNK] for i in range(0, len(documents), EMBED_CHUNK)]
             documents = [d for chunk in track(chunks, "embed documents", len(chunks)) for d in embedder.run(documents=chunk)["documents"]]
-        return store.write_documents(documents, policy=DuplicatePolicy.OVERWRITE)
+        return [store.write_documents(documents, policy=DuplicatePolicy.OVERWRITE) for store in stores][0]
 
-    def _in_memory_store(self) -> InMemoryDocumentStore:
-        store = getattr(self.retriever, "document_store", None)
-        if not isinstance(store, InMemoryDocumentStore) or (self._query_embedder is not None and self.query_encoder_model is None):
-            raise PipelineError(
-                f"documents: the retriever '{self.retriever_name}' does not search an in-memory store by text or through a "
-                "sentence-transformers text embedder, so it cannot be filled from a corpus file; index your documents "
-                "into its store yourself and remove documents:"
-            )
-        return store
+    def _in_memory_stores(self) -> list[InMemoryDocumentStore]:
+        """The candidate source's document stores, one per storage (shared in-memory stores of one index count once).
+
+        Raises:
+            PipelineError: a retriever does not search an in-memory store, or one searched by embedding is not fed
+                by a sentence-transformers text embedder (DRO could not embed the corpus as it does).
+        """
+        stores = {}
+        for name in self.retriever_names:
+            store = getattr(self._instances[name], "document_store", None)
+            dense = "query_embedding" in inspect.signature(self._instances[name].run).parameters
+            if not isinstance(store, InMemoryDocumentStore) or (dense and (name != self.retriever_name or self.query_encoder_model is None)):
+                raise PipelineError(
+                    f"documents: the retriever '{name}' does not search an in-memory store by text or through a "
+                    "sentence-transformers text embedder, so it cannot be filled from a corpus file; index your documents "
+                    "into its store yourself and remove documents:"
+                )
+            settings = store.to_dict()["init_parameters"]
+            stores.setdefault(settings["index"] if settings.get("shared", True) else id(store), store)
+        return list(stores.values())
 
     def search(self, queries, n: int) -> list[list[tuple[Passage, list[float] | None]]]:
         """The retriever's top ``n`` documents for each query embedding ``[B, d]`` (a query tower's), with their
@@ -334,12 +452,14 @@ class HaystackPipeline:
         return hits
 
     def retrieve(self, question: str, num_candidates: int) -> list[Passage]:
-        """The retriever's top ``num_candidates`` documents for ``question``, as passages, best first."""
-        if self._query_embedder is None:
-            documents = self.retriever.run(query=question, top_k=num_candidates)["documents"]
-        else:
-            embedding = self._query_embedder.run(text=question)["embedding"]
-            documents = self.retriever.run(query_embedding=embedding, top_k=num_candidates)["documents"]
+        """The candidate source's top ``num_candidates`` documents for ``question``, as passages, best first: the
+        source pipeline run with the question on its query inputs and ``top_k=num_candidates`` on each component that
+        takes one (retrievers, joiners, rankers)."""
+        data = {name: {socket: question for socket in sockets} for name, sockets in self._source_inputs.items()}
+        for name, sockets in self.source.inputs().items():
+            if "top_k" in sockets:
+                data.setdefault(name, {})["top_k"] = num_candidates
+        documents = self.source.run(data, include_outputs_from={self.source_name})[self.source_name]["documents"][:num_candidates]
         for document in documents:
             self._documents[str(document.id)] = document
         return [document_to_passage(d) for d in documents]
@@ -385,7 +505,8 @@ class HaystackPipeline:
         """Write ``<run_dir>/pipeline.yaml``: the pipeline with its trained selector and the fine-tuned generator.
 
         The generator is merged into its base model in ``<run_dir>/generator-model``. With an LM selector, a
-        DROSelector (the run folder, ``.``) goes between retriever and prompt builder; the retriever returns
+        DROSelector (the run folder) goes between the candidate source and the prompt builder, in place of the
+        components ``pipeline.retriever`` had it replace; each candidate-source component with a ``top_k`` returns
         ``data.num_candidates`` documents, the selector keeps ``selector.top_k``. With a retriever selector, the text
         embedder points at the fine-tuned query tower (``<run_dir>/selector``) and the retriever returns
         ``selector.top_k``; the document store's embeddings (the frozen document tower's) stay valid. Model folders
@@ -408,20 +529,34 @@ class HaystackPipeline:
             components[self.retriever_name]["init_parameters"]["top_k"] = self.top_k
             components[self.query_embedder_name]["init_parameters"]["model"] = str(RunPaths(run_dir).adapter("selector"))
             return self._write(tree, run_dir)
-        components[self.retriever_name]["init_parameters"]["top_k"] = self.num_candidates
+        for name in self.source_names:
+            if "top_k" in components[name].get("init_parameters", {}):
+                components[name]["init_parameters"]["top_k"] = self.num_candidates
+        for name in self.replaced:
+            del components[name]
         components[SELECTOR_NAME] = DROSelector(model=str(run_dir), top_k=self.top_k).to_dict()
         into_builder = f"{self.prompt_builder_name}.{self.documents_variable}"
         tree["connections"] = [
-            c for c in tree["connections"] if (c["sender"], c["receiver"]) != (f"{self.retriever_name}.documents", into_builder)
+            c for c in tree["connections"]
+            if c["receiver"] != into_builder and not {c["sender"].split(".")[0], c["receiver"].split(".")[0]} & set(self.replaced)
         ] + [
-            {"sender": f"{self.retriever_name}.documents", "receiver": f"{SELECTOR_NAME}.documents"},
+            {"sender": f"{self.source_name}.documents", "receiver": f"{SELECTOR_NAME}.documents"},
             {"sender": f"{SELECTOR_NAME}.documents", "receiver": into_builder},
         ]
-        self.export_notes.append(
-            f"the exported pipeline takes the query twice: pipe.run({{'{self.retriever_name}': {{...}}, "
-            f"'{SELECTOR_NAME}': {{'query': question}}, '{self.prompt_builder_name}': {{...}}}})"
-        )
+        if self.replaced:
+            self.export_notes.append(f"the DRO selector takes the place of {', '.join(self.replaced)} (pipeline.retriever is '{self.source_name}')")
         return self._write(tree, run_dir)
+
+    def _run_call(self, pipeline: Pipeline) -> str:
+        """How to call ``pipeline.run`` with a question: its mandatory inputs, the question where it goes."""
+        takes_question = (*QUESTION_INPUTS, self.question_variable)
+        data = {
+            name: {socket: "question" if socket in takes_question else "..." for socket, spec in sockets.items() if spec["is_mandatory"]}
+            for name, sockets in pipeline.inputs().items()
+        }
+        return "pipe.run({" + ", ".join(
+            f"'{name}': {{" + ", ".join(f"'{socket}': {value}" for socket, value in sockets.items()) + "}" for name, sockets in data.items() if sockets
+        ) + "})"
 
     def fingerprint_parts(self) -> dict[str, object]:
         """The loaded graph by part: components and connections, the prompt builder's settings (its template), the
@@ -459,6 +594,7 @@ class HaystackPipeline:
     def _write(self, tree: dict, run_dir: Path) -> Path:
         tree["metadata"] = {**(tree.get("metadata") or {}), RUN_DIR_KEY: str(run_dir)}
         optimized = Pipeline.from_dict(tree, allowed_modules=self.allowed_modules or None)
+        self.export_notes.append(f"run the exported pipeline with {self._run_call(optimized)}")
         out = RunPaths(run_dir).pipeline
         atomic_write_text(out, optimized.dumps())
         return out

@@ -134,6 +134,17 @@ class LlamaIndexPipeline:
                 "DROSelectorPostprocessor on a local stand-in generator (a separate run config without pipeline:)"
             )
         self.generator_model = self.llm.model_name
+        self.postprocessors = [type(p).__name__ for p in engine._node_postprocessors]  # no public accessor in 0.14
+        if "DROSelectorPostprocessor" in self.postprocessors:
+            raise PipelineError(
+                f"pipeline.llama_index: the engine that {self.spec} returns already has a DROSelectorPostprocessor; return it "
+                "without one when the factory is called with no arguments (DRO trains the selector that serving adds last)"
+            )
+        if config.selector.kind == "retriever" and self.postprocessors:
+            raise PipelineError(
+                f"selector.kind retriever serves the retriever's own top nodes, but the engine's node postprocessors "
+                f"({', '.join(self.postprocessors)}) change them first; use selector.kind lm (it selects from their output)"
+            )
         embed_model = getattr(self.retriever, "_embed_model", None)  # VectorIndexRetriever's; no public accessor
         self.query_encoder_model = getattr(embed_model, "model_name", None) if type(embed_model).__name__ == "HuggingFaceEmbedding" else None
         if config.selector.kind == "retriever" and self.query_encoder_model is None:
@@ -151,7 +162,7 @@ class LlamaIndexPipeline:
         return {
             "graph": {
                 "retriever": type(self.retriever).__name__,
-                "node postprocessors": [type(p).__name__ for p in engine._node_postprocessors],
+                "node postprocessors": self.postprocessors,
                 "response synthesizer": type(engine._response_synthesizer).__name__,
             },
             "prompt template": self.template.get_template(),
@@ -172,18 +183,21 @@ class LlamaIndexPipeline:
         """The trainable units found in the engine, as ``role (Class)`` lines."""
         top_k = getattr(self.retriever, "similarity_top_k", None)
         encoder = [f"query encoder model {self.query_encoder_model}"] if self.query_encoder_model else []
+        after = [f"node postprocessors {', '.join(self.postprocessors)} (applied to the candidates, before the DRO selector)"]
         return encoder + [
             f"retriever ({type(self.retriever).__name__}{f', similarity_top_k={top_k}' if top_k else ''})",
+            *(after if self.postprocessors else []),
             f"QA template ({QA_TEMPLATE})",
             f"generator ({type(self.llm).__name__})",
             f"generator model {self.generator_model}",
         ]
 
     def retrieve(self, question: str, num_candidates: int) -> list[Passage]:
-        """The retriever's top ``num_candidates`` nodes for ``question``, as passages, best first."""
+        """The engine's candidates for ``question`` as serving computes them (``RetrieverQueryEngine.retrieve``: the
+        retriever's top ``num_candidates``, then the engine's node postprocessors), as passages, best first."""
         if hasattr(self.retriever, "similarity_top_k"):
             self.retriever.similarity_top_k = num_candidates
-        nodes = self.retriever.retrieve(QueryBundle(question))[:num_candidates]
+        nodes = self.engine.retrieve(QueryBundle(question))[:num_candidates]
         for node in nodes:
             self._nodes[node.node.node_id] = node.node
         return [node_to_passage(n.node) for n in nodes]
