@@ -313,7 +313,8 @@ def validate(
 ):
     """Check a run config and its data files; exit 0 when usable, 2 with every problem listed otherwise.
 
-    With a pipeline, it is loaded and its retriever, prompt and generator are listed; no document is indexed and
+    With a pipeline, it is loaded and the graph DRO will train is listed (candidate source, the selector's slot,
+    prompt builder, generator); no document is indexed and
     no model weights are loaded where the framework allows it (a LlamaIndex factory runs as written: persist its
     index, as examples/llama_index_nq does, and validation takes seconds).
     """
@@ -336,15 +337,30 @@ def validate(
         console.print(f"  pipeline {line}", highlight=False, soft_wrap=True)
 
 
+def _served_table(result: dict, top_k: int) -> Table:
+    """The user's pipeline against the optimized one, as served."""
+    table = Table(title=f"{result['data']} ({result['questions']} questions, served by the framework)")
+    for column in ("pipeline", "EM", "F1", f"recall@{top_k}"):
+        table.add_column(column, justify="right")
+    for name in ("original", "optimized"):
+        table.add_row(name, *(f"{result[name][key]:.3f}" for key in ("em", "f1", "recall")))
+    return table
+
+
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by dro optimize.")],
     data: Annotated[Path, typer.Option("--data", help="Question file to score, in the ../shared/data format.")],
     max_examples: Annotated[int | None, typer.Option(help="Score at most this many questions.", min=1)] = None,
     device: Annotated[str | None, typer.Option(help="Override the run's device, e.g. cpu.")] = None,
+    served: Annotated[bool, typer.Option("--served", help="Run your pipeline and the exported optimized one as the framework serves them (Pipeline.run / query_engine.query) and compare them side by side.")] = False,
     trust_run_code: TrustOption = False,
 ):
-    """Score a trained run's best selector and generator on another question file (EM, F1, recall@k)."""
+    """Score a trained run's best selector and generator on another question file (EM, F1, recall@k).
+
+    With --served, the pipeline the run was trained from and the exported one answer through the framework itself:
+    how a user sees that DRO improved their pipeline, and a check that serving matches training.
+    """
     _quiet_libraries()
     from dro_plugins.api import evaluate as run_evaluate
     from dro_plugins.build import saved_config
@@ -353,11 +369,16 @@ def evaluate(
         config = saved_config(run_dir, device)
         with _progress() as progress:
             result = run_evaluate(
-                run_dir, data, max_examples=max_examples, device=device, progress=_tracker(progress), trust_run_code=trust_run_code
+                run_dir, data, max_examples=max_examples, device=device, progress=_tracker(progress), trust_run_code=trust_run_code,
+                served=served,
             )
     except Exception:  # noqa: BLE001 - reported as one line by _reported
         with _reported(Path(run_dir)):
             raise
+    if served:
+        console.print(_served_table(result, config.selector.top_k))
+        console.print(f"answers: {result['path']}")
+        return
     table = Table(title=f"{data} ({result['questions']} questions)")
     for column in ("EM", "F1", f"recall@{config.selector.top_k}", *(c.replace("_", " ") for c in CLASSES[1:])):
         table.add_column(column, justify="right")

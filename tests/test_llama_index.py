@@ -255,6 +255,9 @@ def test_the_engines_node_postprocessors_shape_the_candidates_as_serving_applies
 
     refused = CliRunner().invoke(app, ["validate", str(write_config(_run_tree(used, selector={"kind": "retriever", "top_k": 2})))])
     assert refused.exit_code == 2 and "node postprocessors (SimilarityPostprocessor, NoOslo) change them first; use selector.kind lm" in " ".join(refused.output.split())
+    longer = CliRunner().invoke(app, ["validate", str(write_config(_run_tree(used, generator={"max_new_tokens": 9})))])
+    assert longer.exit_code == 2
+    assert "generator.max_new_tokens is 9 but the pipeline's generator answers with max_new_tokens=4 when serving" in " ".join(longer.output.split())
     twice = factory(f"[DROSelectorPostprocessor(model={str(tiny_model_dir)!r})]")
     refused = CliRunner().invoke(app, ["validate", str(write_config(_run_tree(twice)))])
     assert refused.exit_code == 2 and "already has a DROSelectorPostprocessor" in " ".join(refused.output.split())
@@ -298,6 +301,17 @@ def test_optimize_on_the_example_factory_and_serve_in_a_fresh_process(tmp_path, 
     assert time.monotonic() - started < 60  # the stored index is loaded, not rebuilt (building embeds every passage)
     assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "storage").iterdir()} == stored
     assert "pipeline retriever (VectorIndexRetriever" in validated.output and "pipeline generator (HuggingFaceLLM)" in validated.output
+
+    # served equals trained: the factory's engine for the run, queried by LlamaIndex, answers as dro evaluate does
+    data = ["--data", str(SHARED_DATA / "nq" / "validation.jsonl"), "--max-examples", "4"]
+    scored = CliRunner().invoke(app, ["evaluate", str(tmp_path / "run"), *data, "--trust-run-code"])
+    assert scored.exit_code == 0, scored.output
+    served = CliRunner().invoke(app, ["evaluate", str(tmp_path / "run"), *data, "--served", "--trust-run-code"])
+    assert served.exit_code == 0, served.output
+    ours = json.loads((tmp_path / "run" / "evaluation_validation.json").read_text())
+    theirs = json.loads((tmp_path / "run" / "evaluation_served_validation.json").read_text())
+    assert [p["prediction"] for p in theirs["optimized"]["predictions"]] == [p["prediction"] for p in ours["predictions"]]
+    assert theirs["optimized"]["recall"] == ours["recall"]
 
     script = (
         f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from factory import build\n"

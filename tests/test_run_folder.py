@@ -126,3 +126,9 @@ def test_a_resume_against_a_changed_pipeline_is_refused_unless_asked(finished_ru
     assert yaml.safe_load(paths.fingerprint.read_text()) == edited
 
     assert prepare(config, root / "config.yaml", True, trained) == [] and yaml.safe_load(paths.fingerprint.read_text()) == trained
+
+
+def test_served_evaluation_of_a_run_without_a_pipeline_says_why_in_one_line(finished_run):
+    result = CliRunner().invoke(app, ["evaluate", str(finished_run / "run"), "--data", str(finished_run / "validation.jsonl"), "--served"])
+    assert result.exit_code == 2
+    assert "--served runs the pipeline a run was trained from, and this run has none" in " ".join(result.output.split())

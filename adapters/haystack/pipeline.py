@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from haystack import Document, Pipeline
@@ -71,6 +72,13 @@ class RunFolderPaths(YamlMarshaller):
         if recorded and path.is_relative_to(recorded):
             return str(self.folder / path.relative_to(recorded))
         return model
+
+
+class _Shown(str):
+    """A string that prints bare inside a dict (``{'query': question}``), for the run call shown to users."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def _map_models(tree, change):
@@ -149,6 +157,7 @@ class HaystackPipeline:
     """
 
     exported = "optimized Haystack pipeline (load it with load_pipeline)"
+    max_new_tokens = None  # the export sets the generator's to generator.max_new_tokens
 
     def __init__(self, config: RunConfig, index_documents: bool = True, track: Track = no_progress):
         settings = config.pipeline
@@ -408,15 +417,21 @@ class HaystackPipeline:
         documents = [Document(id=p.id, content=p.text, meta={"title": p.title}) for p in load_corpus(corpus)]
         stores = self._in_memory_stores()
         if self._query_embedder is not None:
-            from haystack_integrations.components.embedders.sentence_transformers import SentenceTransformersDocumentEmbedder
-
-            embedder = SentenceTransformersDocumentEmbedder(
-                model=self.query_encoder_model, meta_fields_to_embed=["title"], normalize_embeddings=True, progress_bar=False
-            )
+            embedder = self._document_embedder()
             embedder.warm_up()
             chunks = [documents[i : i + EMBED_CHUNK] for i in range(0, len(documents), EMBED_CHUNK)]
             documents = [d for chunk in track(chunks, "embed documents", len(chunks)) for d in embedder.run(documents=chunk)["documents"]]
         return [store.write_documents(documents, policy=DuplicatePolicy.OVERWRITE) for store in stores][0]
+
+    def _document_embedder(self):
+        """The document tower as DRO embeds a corpus (title and text, normalised): what the store's embeddings and a
+        retriever selector's scores come from."""
+        from haystack_integrations.components.embedders.sentence_transformers import SentenceTransformersDocumentEmbedder
+
+        return SentenceTransformersDocumentEmbedder(
+            model=local_model_path(self.query_encoder_model, Path.cwd()), meta_fields_to_embed=["title"], normalize_embeddings=True,
+            progress_bar=False,
+        )
 
     def _in_memory_stores(self) -> list[InMemoryDocumentStore]:
         """The candidate source's document stores, one per storage (shared in-memory stores of one index count once).
@@ -525,6 +540,8 @@ class HaystackPipeline:
         generator = components[self.generator_name]["init_parameters"]
         generator["huggingface_pipeline_kwargs"]["model"] = str(generator_dir)
         self.export_notes = self._served_as_trained(generator)
+        if self.query_encoder_model is not None:
+            self._write_document_embedder(run_dir)
         if self.selector_kind == "retriever":
             components[self.retriever_name]["init_parameters"]["top_k"] = self.top_k
             components[self.query_embedder_name]["init_parameters"]["model"] = str(RunPaths(run_dir).adapter("selector"))
@@ -547,16 +564,54 @@ class HaystackPipeline:
             self.export_notes.append(f"the DRO selector takes the place of {', '.join(self.replaced)} (pipeline.retriever is '{self.source_name}')")
         return self._write(tree, run_dir)
 
-    def _run_call(self, pipeline: Pipeline) -> str:
-        """How to call ``pipeline.run`` with a question: its mandatory inputs, the question where it goes."""
+    def _run_inputs(self, pipeline: Pipeline, question, other=None) -> dict[str, dict]:
+        """``pipeline.run``'s data for a question: the question on each mandatory input that takes it (``query`` and
+        ``text`` inputs, the prompt's question variable), ``other`` on any other mandatory input."""
         takes_question = (*QUESTION_INPUTS, self.question_variable)
         data = {
-            name: {socket: "question" if socket in takes_question else "..." for socket, spec in sockets.items() if spec["is_mandatory"]}
+            name: {socket: question if socket in takes_question else other for socket, spec in sockets.items() if spec["is_mandatory"]}
             for name, sockets in pipeline.inputs().items()
         }
-        return "pipe.run({" + ", ".join(
-            f"'{name}': {{" + ", ".join(f"'{socket}': {value}" for socket, value in sockets.items()) + "}" for name, sockets in data.items() if sockets
-        ) + "})"
+        return {name: sockets for name, sockets in data.items() if sockets}
+
+    def _run_call(self, pipeline: Pipeline) -> str:
+        """How to call ``pipeline.run`` with a question, as Python: ``pipe.run({'retriever': {'query': question}, ...})``."""
+        return f"pipe.run({self._run_inputs(pipeline, _Shown('question'), _Shown('...'))})"
+
+    def served(self, run_dir: Path) -> dict[str, Callable[[str], tuple[str, list[Passage]]]]:
+        """The user's pipeline and the exported one, each as ``question -> (answer, passages given to the prompt)``,
+        run by Haystack's ``Pipeline.run`` (``dro evaluate --served``). Their in-memory stores are filled with the
+        documents DRO indexed when they load empty.
+
+        Raises:
+            PipelineError: the run folder has no exported ``pipeline.yaml``, or a pipeline needs an input other than
+                the question.
+        """
+        exported = RunPaths(Path(run_dir)).pipeline
+        if not exported.is_file():
+            raise PipelineError(f"{run_dir}: no pipeline.yaml (the run exports it when training finishes); run dro optimize to the end")
+        return {
+            "original": self._answerer(load_pipeline(self.path, self.allowed_modules)),
+            "optimized": self._answerer(load_pipeline(exported, self.allowed_modules)),
+        }
+
+    def _answerer(self, pipeline: Pipeline) -> Callable[[str], tuple[str, list[Passage]]]:
+        documents = [d for store in self._in_memory_stores() for d in store.filter_documents()]
+        for _, instance in pipeline.walk():
+            store = getattr(instance, "document_store", None)
+            if isinstance(store, InMemoryDocumentStore) and store.count_documents() == 0:
+                store.write_documents(documents, policy=DuplicatePolicy.OVERWRITE)
+        builder_input = f"{self.prompt_builder_name}.{self.documents_variable}"
+        feeder = next(c["sender"].split(".")[0] for c in pipeline.to_dict()["connections"] if c["receiver"] == builder_input)
+        if None in (v for sockets in self._run_inputs(pipeline, "", None).values() for v in sockets.values()):
+            raise PipelineError(f"{self.path}: serving needs inputs besides the question ({self._run_call(pipeline)}); give them defaults")
+
+        def answer(question: str) -> tuple[str, list[Passage]]:
+            out = pipeline.run(self._run_inputs(pipeline, question), include_outputs_from={feeder})
+            replies = out.get(self.generator_name, {}).get("replies") or []
+            return (replies[0].text or "" if replies else ""), [document_to_passage(d) for d in out[feeder]["documents"]]
+
+        return answer
 
     def fingerprint_parts(self) -> dict[str, object]:
         """The loaded graph by part: components and connections, the prompt builder's settings (its template), the
@@ -590,6 +645,15 @@ class HaystackPipeline:
             )
         generator["generation_kwargs"] = wanted
         return notes
+
+    def _write_document_embedder(self, run_dir: Path) -> None:
+        """``<run_dir>/document-embedder.yaml``: a one-component pipeline that embeds documents as the run's store
+        was embedded, for filling the exported pipeline's store (``run({"document_embedder": {"documents": docs}})``)."""
+        indexing = Pipeline()
+        indexing.add_component("document_embedder", self._document_embedder())
+        out = RunPaths(run_dir).document_embedder
+        atomic_write_text(out, indexing.dumps())
+        self.export_notes.append(f"embed the documents of its store with {out} (the document tower the retriever was trained against)")
 
     def _write(self, tree: dict, run_dir: Path) -> Path:
         tree["metadata"] = {**(tree.get("metadata") or {}), RUN_DIR_KEY: str(run_dir)}

@@ -15,8 +15,10 @@ document embeddings stay valid, as the document tower is frozen.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from llama_index.core.llms import ChatMessage
@@ -134,6 +136,7 @@ class LlamaIndexPipeline:
                 "DROSelectorPostprocessor on a local stand-in generator (a separate run config without pipeline:)"
             )
         self.generator_model = self.llm.model_name
+        self.max_new_tokens = self.llm.max_new_tokens  # the factory serves with it; DRO validates with it
         self.postprocessors = [type(p).__name__ for p in engine._node_postprocessors]  # no public accessor in 0.14
         if "DROSelectorPostprocessor" in self.postprocessors:
             raise PipelineError(
@@ -256,6 +259,29 @@ class LlamaIndexPipeline:
     def prompt_encoder(self, tokenizer) -> PromptEncoder:
         """``tokenizer(text)``, as the generator component tokenizes the rendered prompt when serving."""
         return encode_like_transformers_pipeline(tokenizer)
+
+    def served(self, run_dir: Path) -> dict[str, Callable[[str], tuple[str, list[Passage]]]]:
+        """The factory's engine as built for training and as built for the run (``factory(run_dir=...)``), each as
+        ``question -> (answer, passages given to the LLM)`` through ``query_engine.query`` (``dro evaluate --served``).
+
+        Raises:
+            PipelineError: the factory takes no ``run_dir`` (it cannot build the optimized engine).
+        """
+        factory = load_factory(self.spec)
+        if "run_dir" not in inspect.signature(factory).parameters:
+            raise PipelineError(
+                f"pipeline.llama_index: {self.spec} takes no run_dir, so it cannot build the optimized engine; add a run_dir "
+                "parameter that serves the run folder (see examples/llama_index_nq/app.py)"
+            )
+
+        def answerer(engine) -> Callable[[str], tuple[str, list[Passage]]]:
+            def answer(question: str) -> tuple[str, list[Passage]]:
+                response = engine.query(question)
+                return str(response.response or ""), [node_to_passage(n.node) for n in response.source_nodes]
+
+            return answer
+
+        return {"original": answerer(factory()), "optimized": answerer(factory(run_dir=str(run_dir)))}
 
     def export(self, run_dir: Path) -> Path:
         """Merge the fine-tuned generator into ``<run_dir>/generator-model`` (a plain Hugging Face folder).

@@ -11,7 +11,9 @@ Layout::
     selector/ generator/ best LoRA adapters (adapter_model.safetensors)
     generator-model/     the best generator merged into its base model (pipeline runs; see build.export_generator)
     pipeline.yaml        the fine-tuned Haystack pipeline (Haystack runs)
-    evaluation_NAME.json predictions and scores of dro evaluate on NAME.jsonl
+    document-embedder.yaml  a Haystack pipeline embedding documents as the run's store was (dense Haystack runs)
+    pipeline-fingerprint.json  digests of the pipeline parts and documents the run trained against (pipeline runs)
+    evaluation_NAME.json predictions and scores of dro evaluate on NAME.jsonl (evaluation_served_NAME.json: --served)
     base/                tiny base models and tokenizers, when the config uses a built-in tiny model (one shared
                          base lives in base/selector)
     checkpoint/          latest training state, for resuming (checkpoint.tmp/ and checkpoint.old/ while it is saved)
@@ -131,6 +133,11 @@ class RunPaths:
         return self.root / "pipeline.yaml"
 
     @property
+    def document_embedder(self) -> Path:
+        """A Haystack pipeline embedding documents as the run's document store was (dense Haystack runs)."""
+        return self.root / "document-embedder.yaml"
+
+    @property
     def fingerprint(self) -> Path:
         """Digests of the pipeline's parts and of the documents the run trained against (:func:`prepare`)."""
         return self.root / "pipeline-fingerprint.json"
@@ -147,7 +154,7 @@ class RunPaths:
     def entries(self) -> frozenset[str]:
         """Names a run writes directly under its folder."""
         top = [self.marker, self.lock, self.config, self.metrics, self.report, self.checkpoint, self.samples, self.index,
-               self.plots, self.tensorboard, self.wandb, self.generator_model, self.pipeline, self.fingerprint, self.error_log,
+               self.plots, self.tensorboard, self.wandb, self.generator_model, self.pipeline, self.document_embedder, self.fingerprint, self.error_log,
                self.attribution(0).parent, self.tiny_base("selector").parent, self.adapter("selector"), self.adapter("generator")]
         names = {path.relative_to(self.root).parts[0] for path in top}
         return frozenset(names | {self.checkpoint.name + ".tmp", self.checkpoint.name + ".old"})

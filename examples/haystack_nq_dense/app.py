@@ -15,14 +15,12 @@ from pathlib import Path
 import transformers
 from haystack import Document, Pipeline
 from haystack.document_stores.in_memory import InMemoryDocumentStore
-from haystack_integrations.components.embedders.sentence_transformers import SentenceTransformersDocumentEmbedder
 from haystack_integrations.components.rankers.dro import load_pipeline
 
 from dro_plugins.data.examples import load_corpus
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "../../../shared/data/nq/corpus.jsonl"
-DOCUMENT_ENCODER = HERE / "models/retriever"
 STORAGE = HERE / "storage/documents.json"
 EMPTY_ANSWER = (
     "(none: the generator wrote no text. A tiny model with random weights often ends its answer at once; "
@@ -30,15 +28,19 @@ EMPTY_ANSWER = (
 )
 
 
-def embedded_documents(corpus: Path, storage: Path = STORAGE) -> InMemoryDocumentStore:
-    """The corpus embedded by the document tower (title and text), loaded from ``storage`` when saved there."""
+def embedded_documents(corpus: Path, embedder_yaml: Path, storage: Path = STORAGE) -> InMemoryDocumentStore:
+    """The corpus embedded by the document tower, loaded from ``storage`` when saved there.
+
+    ``embedder_yaml`` is the run's ``document-embedder.yaml``: the document embedder exactly as the run embedded
+    its store (title and text, normalised), which the fine-tuned query encoder was trained against.
+    """
     if storage.is_file():
         return InMemoryDocumentStore.load_from_disk(str(storage))
-    embedder = SentenceTransformersDocumentEmbedder(model=str(DOCUMENT_ENCODER), meta_fields_to_embed=["title"], normalize_embeddings=True)
-    embedder.warm_up()
+    with embedder_yaml.open() as fp:
+        indexing = Pipeline.load(fp)
     documents = [Document(id=p.id, content=p.text, meta={"title": p.title}) for p in load_corpus(corpus)]
     store = InMemoryDocumentStore()
-    store.write_documents(embedder.run(documents=documents)["documents"])
+    store.write_documents(indexing.run({"document_embedder": {"documents": documents}})["document_embedder"]["documents"])
     storage.parent.mkdir(parents=True, exist_ok=True)
     store.save_to_disk(str(storage))
     return store
@@ -47,7 +49,7 @@ def embedded_documents(corpus: Path, storage: Path = STORAGE) -> InMemoryDocumen
 def load_optimized(pipeline_yaml: Path, corpus: Path) -> Pipeline:
     """Load the optimized pipeline (default allowlist, no unsafe flag) and fill its store with the embedded corpus."""
     pipeline = load_pipeline(pipeline_yaml)
-    documents = embedded_documents(corpus).filter_documents()
+    documents = embedded_documents(corpus, pipeline_yaml.parent / "document-embedder.yaml").filter_documents()
     pipeline.get_component("retriever").document_store.write_documents(documents)
     return pipeline
 

@@ -32,7 +32,6 @@ HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "../../../shared/data/nq/corpus.jsonl"
 STORAGE = HERE / "storage"
 GENERATOR = HERE / "models/generator"  # write it with: dro tiny-model models/generator
-CANDIDATES = 10  # retrieved per question: the selector's candidates
 TOP_K = 5  # answered from, without a selector
 EMPTY_ANSWER = (
     "(none: the generator wrote no text. A tiny model with random weights often ends its answer at once; "
@@ -67,7 +66,7 @@ def build_query_engine(run_dir: str | Path | None = None, corpus: Path = CORPUS,
 
     Without a run: retrieve 5 passages, answer with the generator in models/generator. With a run: answer with the
     fine-tuned generator in ``run_dir/generator-model``, from ``selector.top_k`` passages picked either by the run's
-    DRO selector out of 10 retrieved candidates (``selector.kind: lm``), or by the retriever itself with the
+    DRO selector out of the run's ``data.num_candidates`` retrieved ones (``selector.kind: lm``), or by the retriever itself with the
     fine-tuned query encoder in ``run_dir/selector`` (``selector.kind: retriever``; the index's document embeddings
     are the frozen document tower's, so they stay valid).
     """
@@ -80,7 +79,7 @@ def build_query_engine(run_dir: str | Path | None = None, corpus: Path = CORPUS,
         model_name=str(generator),
         tokenizer_name=str(generator),
         device_map="cpu",
-        max_new_tokens=16,
+        max_new_tokens=8,  # the answer length DRO validates with (generator.max_new_tokens is taken from here)
         context_window=4096,
         is_chat_model=True,  # prompts go through the tokenizer's chat template
         generate_kwargs={"do_sample": False},
@@ -88,13 +87,14 @@ def build_query_engine(run_dir: str | Path | None = None, corpus: Path = CORPUS,
     index = load_index(corpus, storage)
     if run_dir is None:
         return index.as_query_engine(similarity_top_k=TOP_K, text_qa_template=QA_TEMPLATE)
-    selector = saved_config(run_dir).selector
+    trained = saved_config(run_dir)
+    selector = trained.selector
     if selector.kind == "retriever":
         query_encoder = HuggingFaceEmbedding(model_name=str(Path(run_dir) / "selector"), device="cpu")
         retriever = index.as_retriever(similarity_top_k=selector.top_k, embed_model=query_encoder)
         return RetrieverQueryEngine.from_args(retriever, text_qa_template=QA_TEMPLATE)
     return index.as_query_engine(
-        similarity_top_k=CANDIDATES,
+        similarity_top_k=trained.data.num_candidates,  # the selector picks from as many candidates as it was trained on
         text_qa_template=QA_TEMPLATE,
         node_postprocessors=[DROSelectorPostprocessor.from_pretrained(run_dir)],
     )
