@@ -338,12 +338,17 @@ def validate(
 
 
 def _served_table(result: dict, top_k: int) -> Table:
-    """The user's pipeline against the optimized one, as served."""
+    """The user's pipeline against the optimized one, as served: our metrics, then the framework's evaluators."""
     table = Table(title=f"{result['data']} ({result['questions']} questions, served by the framework)")
-    for column in ("pipeline", "EM", "F1", f"recall@{top_k}"):
+    for column in ("metric", "original", "optimized", "change"):
         table.add_column(column, justify="right")
-    for name in ("original", "optimized"):
-        table.add_row(name, *(f"{result[name][key]:.3f}" for key in ("em", "f1", "recall")))
+    rows = {"EM": "em", "F1": "f1", f"recall@{top_k}": "recall"}
+    for name, key in rows.items():
+        before, after = result["original"][key], result["optimized"][key]
+        table.add_row(name, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
+    for key in result["original"]["framework"]:
+        before, after = result["original"]["framework"][key], result["optimized"]["framework"][key]
+        table.add_row(key, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
     return table
 
 

@@ -155,8 +155,9 @@ def _evaluate_served(config: RunConfig, run_dir: Path, data: str | Path, max_exa
 
     Returns:
         ``{"data", "questions", "path", "original": {...}, "optimized": {...}}``, each side ``{"em", "f1", "recall",
-        "predictions"}``: means over questions in [0, 1] (recall: a passage given to the generator contains an answer,
-        i.e. recall@k), and per question ``{"id", "prediction", "passages", "em", "f1", "recall"}``.
+        "framework", "predictions"}``: means over questions in [0, 1] (recall: a passage given to the generator contains
+        an answer, i.e. recall@k), the framework's own evaluators (``TrainablePipeline.framework_scores``), and per
+        question ``{"id", "prediction", "passages", "em", "f1", "recall"}``.
 
     Raises:
         DROError: the run has no pipeline, or the question file is unusable.
@@ -167,16 +168,18 @@ def _evaluate_served(config: RunConfig, run_dir: Path, data: str | Path, max_exa
     examples = load_examples(data, config.data.num_candidates, config.selector.top_k, max_examples, False)
     result = {"data": str(data), "questions": len(examples)}
     for name, answer in pipeline.served(run_dir).items():
-        predictions = []
+        predictions, given = [], []
         for example in track(examples, f"serve {name}", len(examples)):
             text, passages = answer(example.question)
+            given.append(passages)
             predictions.append({
                 "id": example.id, "prediction": text, "passages": [p.id for p in passages],
                 "em": exact_match(text, example.answers), "f1": f1_score(text, example.answers),
                 "recall": selection_recall(passages, example.answers),
             })
         means = {key: sum(p[key] for p in predictions) / len(predictions) for key in ("em", "f1", "recall")}
-        result[name] = {**means, "predictions": predictions}
+        framework = pipeline.framework_scores([p["prediction"] for p in predictions], [list(e.answers) for e in examples], given)
+        result[name] = {**means, "framework": framework, "predictions": predictions}
     out = RunPaths(run_dir).evaluation(f"served_{Path(data).stem}")
     atomic_write_text(out, json.dumps(result, indent=1))
     return result | {"path": str(out)}

@@ -69,6 +69,10 @@ class TrainablePipeline(Protocol):
         """``{"original": ..., "optimized": ...}``: the user's pipeline and the exported one as the framework runs them,
         each ``question -> (answer, passages given to the generator)`` (``dro evaluate --served``)."""
 
+    def framework_scores(self, answers: list[str], gold: list[list[str]], passages: list[list[Passage]]) -> dict[str, float]:
+        """The framework's own evaluators on served answers and the passages given to the generator (a passage is
+        relevant when it holds a gold answer), as ``{metric: mean over questions}``."""
+
     def fingerprint_parts(self) -> dict[str, object]:
         """What serving depends on beyond the run config, by part ("graph", "prompt template", "generator settings",
         ...): JSON-able values as the user's pipeline sets them, before DRO changes anything."""

@@ -233,6 +233,10 @@ def test_optimize_writes_a_pipeline_that_loads_and_answers_in_a_fresh_process(tm
     assert [p["prediction"] for p in theirs["optimized"]["predictions"]] == [p["prediction"] for p in ours["predictions"]]
     assert theirs["optimized"]["em"] == ours["em"] and theirs["optimized"]["f1"] == ours["f1"] and theirs["optimized"]["recall"] == ours["recall"]
     assert all(len(p["passages"]) == 3 for p in theirs["optimized"]["predictions"]) and all(len(p["passages"]) == 5 for p in theirs["original"]["predictions"])
+    for side in ("original", "optimized"):  # Haystack's own evaluators agree with ours where they measure the same thing
+        framework = theirs[side]["framework"]
+        assert framework["haystack document recall"] == theirs[side]["recall"] and 0 <= framework["haystack document MRR"] <= framework["haystack document recall"]
+    assert "haystack document MRR" in " ".join(served.output.split())
 
     # the prompt template edited under the same path: the finished run is not resumed against it
     (tmp_path / "rag.yaml").write_text(original.decode().replace("Answer the question", "Reply to the question"))

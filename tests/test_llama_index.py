@@ -312,6 +312,8 @@ def test_optimize_on_the_example_factory_and_serve_in_a_fresh_process(tmp_path, 
     theirs = json.loads((tmp_path / "run" / "evaluation_served_validation.json").read_text())
     assert [p["prediction"] for p in theirs["optimized"]["predictions"]] == [p["prediction"] for p in ours["predictions"]]
     assert theirs["optimized"]["recall"] == ours["recall"]
+    for side in ("original", "optimized"):  # LlamaIndex's retrieval metrics agree with ours where they measure the same thing
+        assert theirs[side]["framework"]["llama_index hit rate"] == pytest.approx(theirs[side]["recall"])
 
     script = (
         f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from factory import build\n"

@@ -30,6 +30,7 @@ from haystack.utils.hf import convert_message_to_hf_format
 
 from dro_plugins.config import RunConfig, local_model_path
 from dro_plugins.data.examples import Passage, load_corpus
+from dro_plugins.data.labels import passage_has_answer
 from dro_plugins.errors import PipelineError
 from dro_plugins.files import atomic_write_text
 from dro_plugins.modeling.generator import PromptEncoder, PromptRenderer
@@ -593,6 +594,20 @@ class HaystackPipeline:
         return {
             "original": self._answerer(load_pipeline(self.path, self.allowed_modules)),
             "optimized": self._answerer(load_pipeline(exported, self.allowed_modules)),
+        }
+
+    def framework_scores(self, answers: list[str], gold: list[list[str]], passages: list[list[Passage]]) -> dict[str, float]:
+        """Haystack's ``AnswerExactMatchEvaluator`` (exact string match with each question's first gold answer) and
+        ``DocumentRecallEvaluator``/``DocumentMRREvaluator`` (single hit; relevant: the passages holding an answer)."""
+        from haystack.components.evaluators import AnswerExactMatchEvaluator, DocumentMRREvaluator, DocumentRecallEvaluator
+
+        retrieved = [[Document(content=p.text) for p in given] for given in passages]
+        relevant = [[d for d, p in zip(docs, given) if passage_has_answer(p, golds)] for docs, given, golds in zip(retrieved, passages, gold)]
+        documents = {"ground_truth_documents": relevant, "retrieved_documents": retrieved}
+        return {
+            "haystack answer exact match": AnswerExactMatchEvaluator().run(ground_truth_answers=[g[0] for g in gold], predicted_answers=answers)["score"],
+            "haystack document recall": DocumentRecallEvaluator().run(**documents)["score"],
+            "haystack document MRR": DocumentMRREvaluator().run(**documents)["score"],
         }
 
     def _answerer(self, pipeline: Pipeline) -> Callable[[str], tuple[str, list[Passage]]]:

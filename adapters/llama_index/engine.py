@@ -28,6 +28,7 @@ from llama_index.llms.huggingface import HuggingFaceLLM
 
 from dro_plugins.config import RunConfig
 from dro_plugins.data.examples import Passage
+from dro_plugins.data.labels import passage_has_answer
 from dro_plugins.errors import PipelineError
 from dro_plugins.modeling.generator import PromptEncoder, PromptRenderer
 from dro_plugins.modeling.tokenization import encode_like_transformers_pipeline
@@ -282,6 +283,21 @@ class LlamaIndexPipeline:
             return answer
 
         return {"original": answerer(factory()), "optimized": answerer(factory(run_dir=str(run_dir)))}
+
+    def framework_scores(self, answers: list[str], gold: list[list[str]], passages: list[list[Passage]]) -> dict[str, float]:
+        """LlamaIndex's retrieval metrics (``HitRate``, ``MRR``, as ``RetrieverEvaluator`` computes them) on the nodes
+        given to the LLM; relevant: the nodes holding a gold answer. A question with none scores 0 (the metrics
+        need at least one expected id)."""
+        from llama_index.core.evaluation.retrieval.metrics import MRR, HitRate
+
+        scores = {"llama_index hit rate": 0.0, "llama_index MRR": 0.0}
+        for given, golds in zip(passages, gold):
+            expected = [p.id for p in given if passage_has_answer(p, golds)]
+            if expected:
+                ids = [p.id for p in given]
+                scores["llama_index hit rate"] += HitRate().compute(expected_ids=expected, retrieved_ids=ids).score / len(passages)
+                scores["llama_index MRR"] += MRR().compute(expected_ids=expected, retrieved_ids=ids).score / len(passages)
+        return scores
 
     def export(self, run_dir: Path) -> Path:
         """Merge the fine-tuned generator into ``<run_dir>/generator-model`` (a plain Hugging Face folder).
