@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dro_plugins.build import load_trained_selector
+from dro_plugins.config import load_config
 from dro_plugins.data.examples import Example, Passage
 from dro_plugins.distributed.device import resolve_device
 from dro_plugins.errors import DROError
@@ -55,6 +56,21 @@ def load_selector(
     torch_device, dtype = resolve_device(device or "auto")
     lm, tokenizer = load_pretrained(model, trust_remote_code=False, field="model", device=torch_device, dtype=dtype)
     return LMSelector(lm, tokenizer, top_k=top_k, max_passage_words=max_passage_words or DEFAULT_PASSAGE_WORDS)
+
+
+def trained_candidates(model: str) -> int | None:
+    """How many candidates a run folder's selector was trained to choose from (``data.num_candidates``); None for
+    a plain model."""
+    paths = RunPaths(Path(model))
+    return load_config(paths.config).data.num_candidates if paths.config.is_file() else None
+
+
+def candidate_count_problem(trained: int | None, received: int, setting: str) -> str | None:
+    """A warning when serving gives the selector more candidates than it was trained on (``setting`` names the
+    first-stage option to change); None otherwise. Fewer is normal (a score cut-off before the selector)."""
+    if trained is None or received <= trained:
+        return None
+    return f"got {received} candidates but was trained to choose from {trained}; set {setting} to {trained} so serving matches training"
 
 
 def select_or_fallback(

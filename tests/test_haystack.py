@@ -184,7 +184,7 @@ def _run_tree(pipeline_yaml, **pipeline):
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="../shared/data is not beside the checkout")
-def test_optimize_writes_a_pipeline_that_loads_and_answers_in_a_fresh_process(tmp_path, monkeypatch):
+def test_optimize_writes_a_pipeline_that_loads_and_answers_in_a_fresh_process(tmp_path, monkeypatch, caplog):
     for name in ("rag.yaml", "config.yaml", "app.py"):
         shutil.copy(EXAMPLE / name, tmp_path / name)
     original = (tmp_path / "rag.yaml").read_bytes()
@@ -237,6 +237,15 @@ def test_optimize_writes_a_pipeline_that_loads_and_answers_in_a_fresh_process(tm
         framework = theirs[side]["framework"]
         assert framework["haystack document recall"] == theirs[side]["recall"] and 0 <= framework["haystack document MRR"] <= framework["haystack document recall"]
     assert "haystack document MRR" in " ".join(served.output.split())
+
+    # more candidates than the selector was trained on (data.num_candidates = 10): one warning that says what to set
+    selector = DROSelector(model=str(tmp_path / "runs/haystack_nq"), top_k=3)
+    many = [Document(id=str(i), content=f"passage {i}") for i in range(12)]
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert len(selector.run(query="who sang", documents=many)["documents"]) == 3
+    warnings = [r.getMessage() for r in caplog.records if "was trained to choose from" in r.getMessage()]
+    assert len(warnings) == 1 and "got 12 candidates but was trained to choose from 10" in warnings[0]
 
     # the prompt template edited under the same path: the finished run is not resumed against it
     (tmp_path / "rag.yaml").write_text(original.decode().replace("Answer the question", "Reply to the question"))

@@ -284,7 +284,7 @@ def _example_factory(tmp_path, tiny_model_dir) -> str:
     )
 
 
-def test_optimize_on_the_example_factory_and_serve_in_a_fresh_process(tmp_path, write_config, tiny_model_dir, monkeypatch):
+def test_optimize_on_the_example_factory_and_serve_in_a_fresh_process(tmp_path, write_config, tiny_model_dir, monkeypatch, caplog):
     factory = _example_factory(tmp_path, tiny_model_dir)
     monkeypatch.chdir(tmp_path)
     tree = _run_tree(factory, warmup={"generator_steps": 2, "selector_steps": 2}, dro={"iterations": 1, "num_samples": 2})
@@ -314,6 +314,15 @@ def test_optimize_on_the_example_factory_and_serve_in_a_fresh_process(tmp_path, 
     assert theirs["optimized"]["recall"] == ours["recall"]
     for side in ("original", "optimized"):  # LlamaIndex's retrieval metrics agree with ours where they measure the same thing
         assert theirs[side]["framework"]["llama_index hit rate"] == pytest.approx(theirs[side]["recall"])
+
+    # more nodes than the selector was trained on (data.num_candidates = 4): one warning naming similarity_top_k
+    postprocessor = DROSelectorPostprocessor.from_pretrained(tmp_path / "run")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            postprocessor.postprocess_nodes([NodeWithScore(node=n, score=1.0) for n in NODES], query_bundle=QueryBundle("which city?"))
+    warnings = [r.getMessage() for r in caplog.records if "was trained to choose from" in r.getMessage()]
+    assert warnings == ["DROSelectorPostprocessor: got 6 candidates but was trained to choose from 4; set the retriever's "
+                        "similarity_top_k to 4 so serving matches training"]
 
     script = (
         f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from factory import build\n"

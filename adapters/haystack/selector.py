@@ -7,7 +7,7 @@ from typing import Any
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 
 from dro_plugins.data.examples import Passage
-from dro_plugins.serving import load_selector, select_or_fallback
+from dro_plugins.serving import candidate_count_problem, load_selector, select_or_fallback, trained_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ class DROSelector:
         self.constrained = constrained
         self.max_new_tokens = max_new_tokens
         self._selector = None
+        self._trained = None  # data.num_candidates of the run; more candidates at serving get one warning
+        self._warned = False
 
     def warm_up(self) -> None:
         """Load the selector's weights (once).
@@ -80,6 +82,7 @@ class DROSelector:
         """
         if self._selector is None:
             self._selector = load_selector(self.model, self.top_k, self.device, self.max_passage_words)
+            self._trained = trained_candidates(self.model)
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise the settings (not the weights)."""
@@ -117,6 +120,10 @@ class DROSelector:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.warm_up()
+        mismatch = candidate_count_problem(self._trained, len(documents), "the top_k of the components before the selector")
+        if mismatch is not None and not self._warned:
+            logger.warning("DROSelector: {problem}", problem=mismatch)
+            self._warned = True
         passages = [document_to_passage(d) for d in documents]
         picked, problem = select_or_fallback(
             self._selector, query, passages, top_k, self.constrained, self.max_new_tokens

@@ -14,7 +14,7 @@ from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, Query
 from dro_plugins.config import load_config
 from dro_plugins.data.examples import Passage
 from dro_plugins.training.run_folder import RunPaths
-from dro_plugins.serving import load_selector, select_or_fallback
+from dro_plugins.serving import candidate_count_problem, load_selector, select_or_fallback, trained_candidates
 
 logger = logging.getLogger(__name__)
 dispatcher = get_dispatcher(__name__)
@@ -54,6 +54,8 @@ class DROSelectorPostprocessor(BaseNodePostprocessor):
     max_new_tokens: int = Field(default=64, ge=1, description="Longest free-text output (constrained=False), in tokens.")
 
     _selector = PrivateAttr(default=None)
+    _trained = PrivateAttr(default=None)  # data.num_candidates of the run; more nodes at serving get one warning
+    _warned = PrivateAttr(default=False)
 
     @classmethod
     def class_name(cls) -> str:
@@ -77,11 +79,16 @@ class DROSelectorPostprocessor(BaseNodePostprocessor):
         """
         if self._selector is None:
             self._selector = load_selector(self.model, self.top_n, self.device, self.max_passage_words)
+            self._trained = trained_candidates(self.model)
 
     def _postprocess_nodes(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None) -> list[NodeWithScore]:
         """Select and order nodes for the query: at most ``top_n``, best first, scores unchanged."""
         dispatcher.event(ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=self.top_n, model_name=self.model))
         self.load()
+        mismatch = candidate_count_problem(self._trained, len(nodes), "the retriever's similarity_top_k")
+        if mismatch is not None and not self._warned:
+            logger.warning("DROSelectorPostprocessor: %s", mismatch)
+            self._warned = True
         query = query_bundle.query_str if query_bundle is not None else ""
         passages = [node_to_passage(n.node) for n in nodes]
         picked, problem = select_or_fallback(self._selector, query, passages, self.top_n, self.constrained, self.max_new_tokens)
