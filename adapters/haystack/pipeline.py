@@ -7,10 +7,11 @@ prompt text) and a ``TransformersChatGenerator`` (the generator model). After tr
 :meth:`HaystackPipeline.export` writes the same pipeline with a :class:`DROSelector` between the candidate source and
 the prompt builder and the generator pointing at the fine-tuned weights.
 
-With ``selector.kind: retriever`` the trainable selector is the pipeline's own retriever: a text embedder
-(``SentenceTransformersTextEmbedder``) feeding an embedding retriever. Its model is the query tower; each E-step
-re-retrieves from the retriever's document store (:meth:`HaystackPipeline.search`); the exported pipeline is the
-same graph with the text embedder pointing at the fine-tuned query tower (``selector/``) and no extra component.
+With ``selector.kind: retriever`` the trainable selector is the pipeline's own embedding retriever (in a hybrid graph,
+the embedding branch): a text embedder (``SentenceTransformersTextEmbedder``) feeding an embedding retriever. Its
+model is the query tower; each E-step re-retrieves from the retriever's document store
+(:meth:`HaystackPipeline.search`); the exported pipeline is the same graph with the text embedder pointing at the
+fine-tuned query tower (``selector/``) and no extra component.
 """
 
 from __future__ import annotations
@@ -187,11 +188,6 @@ class HaystackPipeline:
         self.retriever_names = retrievers
         self.retriever_name = self._dense_retriever(retrievers) if len(retrievers) > 1 else retrievers[0]
         self.retriever = self._instances[self.retriever_name]
-        if self.selector_kind == "retriever" and self.source_name != self.retriever_name:
-            raise PipelineError(
-                f"selector.kind retriever serves the retriever's own top documents, but here they pass through "
-                f"'{self.source_name}' before the prompt builder; use selector.kind lm (it selects from '{self.source_name}')"
-            )
         if _class_name(self.generator) != TRAINABLE_GENERATOR:
             raise PipelineError(
                 f"{self.path}: generator '{self.generator_name}' ({_class_name(self.generator)}) is not a generator "
@@ -224,7 +220,10 @@ class HaystackPipeline:
         source = ", ".join(f"'{n}' ({_class_name(self._instances[n])})" for n in self.source_names)
         slot = f"{self.source_name}.documents -> {self.prompt_builder_name}.{self.documents_variable}"
         named.append(f"candidate source {source}")
-        named.append(f"selector slot {slot}" + (f" (replaces {', '.join(self.replaced)})" if self.replaced else ""))
+        if self.selector_kind == "retriever":
+            named.append(f"trained: the query tower of '{self.retriever_name}' (fed by '{self.query_embedder_name}'); no selector is inserted")
+        else:
+            named.append(f"selector slot {slot}" + (f" (replaces {', '.join(self.replaced)})" if self.replaced else ""))
         encoder = [f"query encoder model {self.query_encoder_model}"] if self.query_encoder_model else []
         warning = []
         if "task" not in self.generator.huggingface_pipeline_kwargs:
@@ -305,14 +304,18 @@ class HaystackPipeline:
         return socket, named, replaced
 
     def _dense_retriever(self, retrievers: list[str]) -> str:
-        """The one retriever of several that a retriever selector can train (an embedding retriever); the first one
-        otherwise (an LM selector only uses it to tell the document store)."""
+        """The embedding retriever among several (hybrid retrieval): the branch a retriever selector trains, BM25
+        and the others staying as they are; for an LM selector, the first one when none embeds.
+
+        Raises:
+            PipelineError: ``selector.kind: retriever`` with no embedding retriever, or more than one.
+        """
         dense = [n for n in retrievers if "query_embedding" in inspect.signature(self._instances[n].run).parameters]
-        if self.selector_kind == "retriever":
+        if self.selector_kind == "retriever" and len(dense) != 1:
             raise PipelineError(
-                f"selector.kind retriever trains one embedding retriever's query tower over its own pool, but the "
-                f"candidates here come from {len(retrievers)} retrievers ({', '.join(retrievers)}) joined; use selector.kind lm "
-                "(it trains over the joined candidates)"
+                f"selector.kind retriever trains the query tower of one embedding retriever, but the candidates here come "
+                f"from {len(dense)} embedding retrievers among {', '.join(retrievers)}; use selector.kind lm (it selects from "
+                "what they feed the prompt builder)"
             )
         return dense[0] if dense else retrievers[0]
 
@@ -544,8 +547,15 @@ class HaystackPipeline:
         if self.query_encoder_model is not None:
             self._write_document_embedder(run_dir)
         if self.selector_kind == "retriever":
-            components[self.retriever_name]["init_parameters"]["top_k"] = self.top_k
             components[self.query_embedder_name]["init_parameters"]["model"] = str(RunPaths(run_dir).adapter("selector"))
+            if self.source_name == self.retriever_name:
+                components[self.retriever_name]["init_parameters"]["top_k"] = self.top_k
+            else:
+                self.export_notes.append(
+                    f"only the query tower of '{self.retriever_name}' changed; what reaches the prompt builder is still "
+                    f"decided by {', '.join(n for n in self.source_names if n not in (self.retriever_name, self.query_embedder_name))} "
+                    "as before (dro evaluate --served measures it)"
+                )
             return self._write(tree, run_dir)
         for name in self.source_names:
             if "top_k" in components[name].get("init_parameters", {}):
