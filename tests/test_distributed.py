@@ -83,7 +83,7 @@ class _Blocks(torch.nn.Module):
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        (torch.nn.Linear(2, 2), "not a Linear.*DDP accelerate config"),
+        (torch.nn.Linear(2, 2), "LoRA adapters, not Linear.*DDP accelerate config"),
         (type("NoBlocks", (_Blocks,), {"_no_split_modules": None})(), "no transformer block.*fsdp_transformer_layer_cls_to_wrap"),
         (_Blocks(head_dtype=torch.bfloat16), "bfloat16 and float32.*drop lora.modules_to_save"),
     ],
