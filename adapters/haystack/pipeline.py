@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -203,6 +202,7 @@ class HaystackPipeline:
         self.query_encoder_model = self._query_encoder_model()
         self._cut_to_source()
         self._source_inputs = self._question_inputs()
+        self._top_k_inputs = [name for name, sockets in self.source.inputs().items() if "top_k" in sockets]
         self.prompt_text("test question", [Passage(id="test", title="title", text="text")])  # fail early, not mid-run
         if config.documents is not None and index_documents:
             self.index(config.documents, track)
@@ -475,9 +475,8 @@ class HaystackPipeline:
         source pipeline run with the question on its query inputs and ``top_k=num_candidates`` on each component that
         takes one (retrievers, joiners, rankers)."""
         data = {name: {socket: question for socket in sockets} for name, sockets in self._source_inputs.items()}
-        for name, sockets in self.source.inputs().items():
-            if "top_k" in sockets:
-                data.setdefault(name, {})["top_k"] = num_candidates
+        for name in self._top_k_inputs:
+            data.setdefault(name, {})["top_k"] = num_candidates
         documents = self.source.run(data, include_outputs_from={self.source_name})[self.source_name]["documents"][:num_candidates]
         for document in documents:
             self._documents[str(document.id)] = document
@@ -628,11 +627,13 @@ class HaystackPipeline:
                 store.write_documents(documents, policy=DuplicatePolicy.OVERWRITE)
         builder_input = f"{self.prompt_builder_name}.{self.documents_variable}"
         feeder = next(c["sender"].split(".")[0] for c in pipeline.to_dict()["connections"] if c["receiver"] == builder_input)
-        if None in (v for sockets in self._run_inputs(pipeline, "", None).values() for v in sockets.values()):
+        inputs = self._run_inputs(pipeline, True, False)  # True where the question goes, computed once per pipeline
+        if not all(v for sockets in inputs.values() for v in sockets.values()):
             raise PipelineError(f"{self.path}: serving needs inputs besides the question ({self._run_call(pipeline)}); give them defaults")
 
         def answer(question: str) -> tuple[str, list[Passage]]:
-            out = pipeline.run(self._run_inputs(pipeline, question), include_outputs_from={feeder})
+            data = {name: {socket: question for socket in sockets} for name, sockets in inputs.items()}
+            out = pipeline.run(data, include_outputs_from={feeder})
             replies = out.get(self.generator_name, {}).get("replies") or []
             return (replies[0].text or "" if replies else ""), [document_to_passage(d) for d in out[feeder]["documents"]]
 
