@@ -92,28 +92,32 @@ def _set_checkpointing(config: RunConfig, model, roles: list[str]) -> None:
         enable_gradient_checkpointing(model)
 
 
-def load_retriever_selector(config: RunConfig, run_dir: Path, adapters: Path | None = None, index=None) -> RetrieverSelector:
-    """The retriever selector: query tower (``adapters/selector`` when given, else ``selector.model``), the frozen
-    document tower (``selector.document_model``, else ``selector.model``) and tau.
+def load_retriever(
+    config: RunConfig, role: str, run_dir: Path, adapters: Path | None = None, index=None
+) -> RetrieverSelector:
+    """A bi-encoder retriever from the config section of ``role``: ``selector`` (``selector.kind: retriever``) or
+    ``retriever`` (the third unit in front of an LM selector, ``retriever.train``). Its query tower is
+    ``adapters/<role>`` when given, else ``<role>.model``; the frozen document tower is ``<role>.document_model``
+    (else ``<role>.model``); and tau.
 
     Args:
-        index: where pools are re-retrieved from; None builds a :class:`FaissIndex` over ``selector.corpus`` when it
+        index: where pools are re-retrieved from; None builds a :class:`FaissIndex` over ``<role>.corpus`` when it
             is set (its embeddings kept in ``run_dir/index``), and keeps the questions' own pools otherwise.
 
     Raises:
         ModelLoadError: a model cannot be loaded. DataError: the corpus cannot be read.
     """
-    section = config.selector
+    section = getattr(config, role)
     device, _ = resolve_device(config.device)
-    query = load_sentence_encoder(section.model, "selector.model", device, section.max_seq_length)
-    documents = load_sentence_encoder(section.document_model or section.model, "selector.document_model", device, section.max_seq_length)
+    query = load_sentence_encoder(section.model, f"{role}.model", device, section.max_seq_length)
+    documents = load_sentence_encoder(section.document_model or section.model, f"{role}.document_model", device, section.max_seq_length)
     scorer = BiEncoderScorer(query, section.temperature, section.train_temperature, section.temperature_learning_rate)
     selector = RetrieverSelector(
-        scorer, documents, section.top_k, num_candidates=config.data.num_candidates,
+        scorer, documents, config.selector.top_k, num_candidates=config.data.num_candidates,
         query_prefix=section.query_prefix, query_suffix=section.query_suffix,
     )
     if adapters is not None:
-        selector.unit.load(RunPaths(Path(adapters)).adapter("selector"))
+        selector.unit.load(RunPaths(Path(adapters)).adapter(role))
     if index is None and section.corpus is not None:
         passages = load_corpus(section.corpus)
         embeddings = corpus_embeddings(RunPaths(Path(run_dir)), documents, passages)
@@ -121,6 +125,11 @@ def load_retriever_selector(config: RunConfig, run_dir: Path, adapters: Path | N
         selector.remember(passages, embeddings)
     selector.index = index
     return selector
+
+
+def load_retriever_selector(config: RunConfig, run_dir: Path, adapters: Path | None = None, index=None) -> RetrieverSelector:
+    """The retriever selector (``selector.kind: retriever``): :func:`load_retriever` for the selector role."""
+    return load_retriever(config, "selector", run_dir, adapters, index)
 
 
 def corpus_embeddings(paths: RunPaths, encoder, passages) -> torch.Tensor:
@@ -136,9 +145,12 @@ def corpus_embeddings(paths: RunPaths, encoder, passages) -> torch.Tensor:
     return embeddings
 
 
-def make_selector(config: RunConfig, unit: AdapterUnit, tokenizer) -> LMSelector:
-    """An :class:`LMSelector` with the config's k and passage length."""
-    return LMSelector(unit.model, tokenizer, top_k=config.selector.top_k, max_passage_words=config.selector.max_passage_words, unit=unit)
+def make_selector(config: RunConfig, unit: AdapterUnit, tokenizer, retriever: RetrieverSelector | None = None) -> LMSelector:
+    """An :class:`LMSelector` with the config's k and passage length, ranking ``retriever``'s pools when given."""
+    return LMSelector(
+        unit.model, tokenizer, top_k=config.selector.top_k, max_passage_words=config.selector.max_passage_words, unit=unit,
+        retriever=retriever,
+    )
 
 
 def make_generator(config: RunConfig, unit: AdapterUnit, tokenizer) -> LMGenerator:
@@ -161,9 +173,11 @@ def build_models(
     config: RunConfig, run_dir: Path, adapters: Path | None = None, trainable: bool = True, index=None, load_device: str | None = None
 ):
     """The selector and generator of a run (see :func:`load_model` for the arguments; ``index`` as
-    :func:`load_retriever_selector` takes it, for a retriever selector).
+    :func:`load_retriever` takes it, for a retriever selector or the retriever unit).
 
-    When both name the same model (:func:`shares_base`), it is loaded once and carries both adapters.
+    When both name the same model (:func:`shares_base`), it is loaded once and carries both adapters. With
+    ``retriever.train`` the LM selector holds the third unit, the retriever whose pools it ranks
+    (``selector.retriever``).
 
     Returns:
         ``(selector, LMGenerator)``: an :class:`LMSelector`, or a :class:`RetrieverSelector` for ``selector.kind: retriever``.
@@ -175,15 +189,16 @@ def build_models(
     if config.selector.kind == "retriever":
         selector = load_retriever_selector(config, run_dir, adapters, index)
         return selector, make_generator(config, *load_model(config, "generator", run_dir, adapters, trainable, load_device))
+    retriever = load_retriever(config, "retriever", run_dir, adapters, index) if config.retriever.train else None
     if not shares_base(config, run_dir):
-        selector = make_selector(config, *load_model(config, "selector", run_dir, adapters, trainable, load_device))
+        selector = make_selector(config, *load_model(config, "selector", run_dir, adapters, trainable, load_device), retriever)
         return selector, make_generator(config, *load_model(config, "generator", run_dir, adapters, trainable, load_device))
     model, tokenizer = _load_base(config, "selector", run_dir, load_device)
     for role in ROLES:
         model = _with_adapter(config, role, model, adapters, trainable)
     _set_checkpointing(config, model, list(ROLES))
     units = {role: AdapterUnit(model, role, trainable) for role in ROLES}
-    return make_selector(config, units["selector"], tokenizer), make_generator(config, units["generator"], tokenizer)
+    return make_selector(config, units["selector"], tokenizer, retriever), make_generator(config, units["generator"], tokenizer)
 
 
 def saved_config(run_dir: str | Path, device: str | None = None) -> RunConfig:

@@ -90,13 +90,11 @@ class LMSelectorConfig(ModelConfig):
     top_k: int = Field(5, ge=1, description="How many candidates the selector picks (k).")
 
 
-class RetrieverSelectorConfig(_Section):
-    """A bi-encoder retriever as the selector (``kind: retriever``): Plackett-Luce over cos(q(x), d) / tau.
+class BiEncoderConfig(_Section):
+    """A bi-encoder retriever: Plackett-Luce over cos(q(x), d) / tau, with a trainable query tower and tau and a frozen
+    document tower (so a document index stays valid). The keys shared by ``selector.kind: retriever`` and the
+    ``retriever:`` section."""
 
-    The query tower and tau are trained in full; the document tower stays frozen, so a document index stays valid.
-    """
-
-    kind: Literal["retriever"] = Field(..., description="'retriever': train a bi-encoder's query tower with DRO.")
     model: str = Field(
         MINILM,
         description="A sentence-transformers model (HF id or local folder, relative to the run config) for the query "
@@ -106,7 +104,6 @@ class RetrieverSelectorConfig(_Section):
     document_model: str | None = Field(
         None, description="The frozen document tower; unset: the same model as `model` (its initial weights)."
     )
-    top_k: int = Field(5, ge=1, description="How many candidates the selector picks (k).")
     temperature: float = Field(0.05, gt=0, description="Initial tau: scores are cosine similarities divided by it.")
     train_temperature: bool = Field(True, description="Train tau with the query tower.")
     temperature_learning_rate: float = Field(1e-2, gt=0, description="Learning rate of log tau.")
@@ -123,6 +120,31 @@ class RetrieverSelectorConfig(_Section):
         "re-retrieves each question's top data.num_candidates from it with the current query tower (FAISS), so "
         "training moves what is retrieved. Unset: the questions' own candidates (a fixed pool), or a pipeline's "
         "document store.",
+    )
+
+
+class RetrieverSelectorConfig(BiEncoderConfig):
+    """A bi-encoder retriever as the selector (``kind: retriever``): Plackett-Luce over cos(q(x), d) / tau.
+
+    The query tower and tau are trained in full; the document tower stays frozen, so a document index stays valid.
+    """
+
+    kind: Literal["retriever"] = Field(..., description="'retriever': train a bi-encoder's query tower with DRO.")
+    top_k: int = Field(5, ge=1, description="How many candidates the selector picks (k).")
+
+
+class RetrieverConfig(BiEncoderConfig):
+    """The retriever in front of an LM selector as a third trainable unit (``retriever.train: true``).
+
+    Each E-step and validation re-retrieves every question's pool of ``data.num_candidates`` with the current query
+    tower (from ``retriever.corpus`` or the pipeline's document store); the M-step trains the query tower and tau on
+    the E-step's weighted lists, ``L_R = - sum_i w_i log p_R(z_i | x)`` (Plackett-Luce over the pool).
+    """
+
+    train: bool = Field(
+        False,
+        description="Make the retriever a third trainable unit next to the LM selector and the generator (needs "
+        "selector.kind lm). dro.train_retriever: false keeps it frozen (pools still re-retrieved by it: an ablation).",
     )
 
 
@@ -240,6 +262,9 @@ class DROConfig(_Section):
     )
     train_selector: bool = Field(True, description="Update the selector in the M-step (Eq. 10).")
     train_generator: bool = Field(True, description="Update the generator in the M-step (Eq. 11).")
+    train_retriever: bool = Field(
+        True, description="Update the retriever in the M-step (L_R, README 'Three trainable units'); only with retriever.train."
+    )
     weighting: Literal["importance", "uniform"] = Field(
         "importance", description="'importance' (Eq. 7) or 'uniform' (every sample weight 1/m, an ablation)."
     )
@@ -267,6 +292,9 @@ class RunConfig(_Section):
     )
     selector: AnySelectorConfig = Field(..., description="The selector; `kind` picks its type (lm or retriever).")
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    retriever: RetrieverConfig = Field(
+        default_factory=RetrieverConfig, description="The retriever as a third trainable unit (retriever.train: true)."
+    )
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     dro: DROConfig = Field(default_factory=DROConfig)
     output_dir: Path = Field(Path("runs/dro"), description="Run folder, relative to the current directory.")
@@ -288,6 +316,21 @@ class RunConfig(_Section):
             raise ValueError("generator.model: required, add it (or set pipeline: to train a pipeline's generator)")
         if self.documents is not None and self.pipeline is None:
             raise ValueError("documents: needs a pipeline whose document store it fills; set pipeline: or remove documents")
+        return self
+
+    @property
+    def retriever_role(self) -> str | None:
+        """The config section of the bi-encoder whose query tower this run trains: ``"selector"``
+        (``selector.kind: retriever``), ``"retriever"`` (``retriever.train``, in front of an LM selector), or None."""
+        return "selector" if self.selector.kind == "retriever" else "retriever" if self.retriever.train else None
+
+    @model_validator(mode="after")
+    def _retriever_unit_fits(self) -> RunConfig:
+        if self.retriever.train and self.selector.kind != "lm":
+            raise ValueError(
+                "retriever.train: true puts a trained retriever in front of an LM selector, but selector.kind is "
+                "'retriever' (it already trains the retriever); set selector.kind: lm, or remove retriever.train"
+            )
         return self
 
     @model_validator(mode="after")
@@ -441,7 +484,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     config.data.validation = (base / config.data.validation).resolve()
     if config.documents is not None:
         config.documents = (base / config.documents).resolve()
-    for section in (config.selector, config.generator):
+    for section in (config.selector, config.generator, config.retriever):
         for field in ("model", "document_model"):
             if field in section.model_fields_set and getattr(section, field) is not None:  # unset: a default to fill
                 setattr(section, field, local_model_path(getattr(section, field), base))

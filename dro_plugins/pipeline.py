@@ -131,8 +131,9 @@ def open_pipeline(config: RunConfig, index_documents: bool = True, track: Track 
 def resolved_config(config: RunConfig, pipeline: TrainablePipeline | None) -> RunConfig:
     """The run config with what the pipeline names filled in (a copy; ``config`` is unchanged): its generator's
     model as ``generator.model``, its serving answer length (where the export cannot set it) as
-    ``generator.max_new_tokens``, so validation answers as serving does; for a retriever selector, its query embedder as ``selector.model`` and its query
-    prefix and suffix.
+    ``generator.max_new_tokens``, so validation answers as serving does; for a retriever selector (or the retriever
+    unit, ``retriever.train``), its query embedder as ``selector.model`` (``retriever.model``) and its query prefix
+    and suffix.
 
     Raises:
         DROError: the config names a different generator, answer length or query model than the pipeline.
@@ -155,15 +156,17 @@ def resolved_config(config: RunConfig, pipeline: TrainablePipeline | None) -> Ru
                 "or change the pipeline's"
             )
         resolved.generator.max_new_tokens = pipeline.max_new_tokens
-    if config.selector.kind == "retriever":  # the query tower is the pipeline's query embedding model
+    role = config.retriever_role
+    if role is not None:  # the query tower is the pipeline's query embedding model
         encoder = local_model_path(pipeline.query_encoder_model, Path.cwd())
-        if "model" in config.selector.model_fields_set and config.selector.model != encoder:
+        section, target = getattr(config, role), getattr(resolved, role)
+        if "model" in section.model_fields_set and section.model != encoder:
             raise DROError(
-                f"selector.model is '{config.selector.model}' but the pipeline embeds queries with '{encoder}'; "
-                "remove selector.model (the pipeline names it)"
+                f"{role}.model is '{section.model}' but the pipeline embeds queries with '{encoder}'; "
+                f"remove {role}.model (the pipeline names it)"
             )
-        resolved.selector.model = encoder
-        resolved.selector.query_prefix, resolved.selector.query_suffix = pipeline.query_affixes
+        target.model = encoder
+        target.query_prefix, target.query_suffix = pipeline.query_affixes
     return resolved
 
 
@@ -196,8 +199,9 @@ def fingerprint(config: RunConfig, pipeline: TrainablePipeline | None) -> dict[s
 
 
 def dense_index(config: RunConfig, pipeline: TrainablePipeline | None):
-    """The pipeline's store as the index a retriever selector re-retrieves from; None for an LM selector."""
-    return pipeline if pipeline is not None and config.selector.kind == "retriever" else None
+    """The pipeline's store as the index a trained retriever (the selector kind, or the ``retriever.train`` unit)
+    re-retrieves from; None when no query tower is trained."""
+    return pipeline if pipeline is not None and config.retriever_role is not None else None
 
 
 def use_pipeline_prompts(pipeline: TrainablePipeline, generator) -> None:

@@ -163,6 +163,8 @@ class HaystackPipeline:
     def __init__(self, config: RunConfig, index_documents: bool = True, track: Track = no_progress):
         settings = config.pipeline
         self.selector_kind = config.selector.kind
+        self.three_units = config.retriever.train  # retriever, LM selector and generator all trained
+        self.tower_key = {"selector": "selector.kind retriever", "retriever": "retriever.train"}.get(config.retriever_role)
         self.path = Path(settings.haystack)
         self.allowed_modules = list(settings.allowed_modules)
         self.num_candidates = config.data.num_candidates
@@ -184,6 +186,16 @@ class HaystackPipeline:
                 f"{self.path}: no retriever upstream of '{self.source_name}', which sends the prompt builder its documents; "
                 "DRO needs a retriever to draw candidates from"
             )
+        if self.three_units:  # the LM selector ranks the trained retriever's own top-n: what lies between is replaced
+            if len(retrievers) != 1:
+                raise PipelineError(
+                    f"retriever.train trains one embedding retriever whose top documents the LM selector ranks, but "
+                    f"{self.path} joins {len(retrievers)} retrievers ({', '.join(retrievers)}); keep one embedding "
+                    "retriever, or remove retriever.train (the LM selector then picks from what they send)"
+                )
+            if self.source_name != retrievers[0]:
+                self.documents_variable, self.source_name, self.replaced = self._selector_slot(retrievers[0])
+                self.source_names = self._upstream(self.source_name)
         self.retriever_names = retrievers
         self.retriever_name = self._dense_retriever(retrievers) if len(retrievers) > 1 else retrievers[0]
         self.retriever = self._instances[self.retriever_name]
@@ -220,9 +232,10 @@ class HaystackPipeline:
         source = ", ".join(f"'{n}' ({_class_name(self._instances[n])})" for n in self.source_names)
         slot = f"{self.source_name}.documents -> {self.prompt_builder_name}.{self.documents_variable}"
         named.append(f"candidate source {source}")
-        if self.selector_kind == "retriever":
-            named.append(f"trained: the query tower of '{self.retriever_name}' (fed by '{self.query_embedder_name}'); no selector is inserted")
-        else:
+        if self.tower_key is not None:
+            inserted = "; no selector is inserted" if self.selector_kind == "retriever" else ""
+            named.append(f"trained: the query tower of '{self.retriever_name}' (fed by '{self.query_embedder_name}'){inserted}")
+        if self.selector_kind != "retriever":
             named.append(f"selector slot {slot}" + (f" (replaces {', '.join(self.replaced)})" if self.replaced else ""))
         encoder = [f"query encoder model {self.query_encoder_model}"] if self.query_encoder_model else []
         warning = []
@@ -311,9 +324,9 @@ class HaystackPipeline:
             PipelineError: ``selector.kind: retriever`` with no embedding retriever, or more than one.
         """
         dense = [n for n in retrievers if "query_embedding" in inspect.signature(self._instances[n].run).parameters]
-        if self.selector_kind == "retriever" and len(dense) != 1:
+        if self.tower_key is not None and len(dense) != 1:
             raise PipelineError(
-                f"selector.kind retriever trains the query tower of one embedding retriever, but the candidates here come "
+                f"{self.tower_key} trains the query tower of one embedding retriever, but the candidates here come "
                 f"from {len(dense)} embedding retrievers among {', '.join(retrievers)}; use selector.kind lm (it selects from "
                 "what they feed the prompt builder)"
             )
@@ -388,15 +401,17 @@ class HaystackPipeline:
         """The text embedder's sentence-transformers model (the query tower a retriever selector trains), or None.
 
         Raises:
-            PipelineError: ``selector.kind: retriever`` with a retriever that is not fed by such an embedder.
+            PipelineError: ``selector.kind: retriever`` or ``retriever.train`` with a retriever that is not fed by such an
+                embedder.
         """
         model = getattr(self._query_embedder, "model", None)
-        if self.selector_kind != "retriever":
+        if self.tower_key is None:
             return model if isinstance(model, str) else None
         if not isinstance(model, str):
+            alternative = "selector.kind lm" if self.selector_kind == "retriever" else "remove retriever.train"
             raise PipelineError(
-                f"selector.kind retriever trains the pipeline's query embedder, but the retriever '{self.retriever_name}' "
-                "is not fed by a SentenceTransformersTextEmbedder; use an embedding retriever with one, or selector.kind lm"
+                f"{self.tower_key} trains the pipeline's query embedder, but the retriever '{self.retriever_name}' "
+                f"is not fed by a SentenceTransformersTextEmbedder; use an embedding retriever with one, or {alternative}"
             )
         return model
 
@@ -527,7 +542,9 @@ class HaystackPipeline:
         components ``pipeline.retriever`` had it replace; each candidate-source component with a ``top_k`` returns
         ``data.num_candidates`` documents, the selector keeps ``selector.top_k``. With a retriever selector, the text
         embedder points at the fine-tuned query tower (``<run_dir>/selector``) and the retriever returns
-        ``selector.top_k``; the document store's embeddings (the frozen document tower's) stay valid. Model folders
+        ``selector.top_k``; the document store's embeddings (the frozen document tower's) stay valid. With the retriever
+        unit (``retriever.train``) both happen: the text embedder points at ``<run_dir>/retriever`` and a DROSelector
+        ranks the retriever's top ``data.num_candidates`` (in place of any ranker between them). Model folders
         are absolute, so ``Pipeline.load`` reads the file from any working directory; the file records the run folder
         (``metadata.dro_run_dir``), so :func:`load_pipeline` still loads it after the folder is moved.
 
@@ -556,6 +573,8 @@ class HaystackPipeline:
                     "as before (dro evaluate --served measures it)"
                 )
             return self._write(tree, run_dir)
+        if self.three_units:
+            components[self.query_embedder_name]["init_parameters"]["model"] = str(RunPaths(run_dir).adapter("retriever"))
         for name in self.source_names:
             if "top_k" in components[name].get("init_parameters", {}):
                 components[name]["init_parameters"]["top_k"] = self.num_candidates
@@ -571,7 +590,8 @@ class HaystackPipeline:
             {"sender": f"{SELECTOR_NAME}.documents", "receiver": into_builder},
         ]
         if self.replaced:
-            self.export_notes.append(f"the DRO selector takes the place of {', '.join(self.replaced)} (pipeline.retriever is '{self.source_name}')")
+            why = "retriever.train: it ranks the trained retriever's own top documents" if self.three_units else f"pipeline.retriever is '{self.source_name}'"
+            self.export_notes.append(f"the DRO selector takes the place of {', '.join(self.replaced)} ({why})")
         return self._write(tree, run_dir)
 
     def _run_inputs(self, pipeline: Pipeline, question, other=None) -> dict[str, dict]:

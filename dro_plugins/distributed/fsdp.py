@@ -79,8 +79,8 @@ def fully_shard(model, plugin) -> None:
 
     if not hasattr(model, "get_base_model"):
         raise DROError(
-            f"FSDP shards causal LMs with LoRA adapters, not {type(model).__name__} (the retriever selector's query "
-            "tower): run it with a DDP accelerate config (distributed_type: MULTI_GPU) or torchrun"
+            f"FSDP shards causal LMs with LoRA adapters, not {type(model).__name__} (a retriever's query tower, "
+            "selector.kind retriever or retriever.train): run it with a DDP accelerate config (distributed_type: MULTI_GPU) or torchrun"
         )
     root = fsdp_root(model)
     names = set(plugin.transformer_cls_names_to_wrap or getattr(root, "_no_split_modules", None) or [])

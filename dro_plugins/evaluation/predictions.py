@@ -59,8 +59,9 @@ def predict(
             :func:`dro_plugins.modeling.batching.run_in_microbatches`.
 
     Returns:
-        One ``{"id", "prediction", "selected", "failure", "em", "f1", "recall", "answer_log_likelihood"}`` per
-        question, in order: 0-based selected candidate indices, the question's failure class, and its scores. With a
+        One ``{"id", "prediction", "selected", "failure", "em", "f1", "recall", "pool_recall",
+        "answer_log_likelihood"}`` per question, in order: 0-based selected candidate indices, the question's failure
+        class, and its scores (``pool_recall``: 1 when any candidate of the pool holds an answer, recall@n). With a
         selector that re-retrieves its pools (:meth:`Selector.candidates`), indices and recall refer to that pool.
     """
     predictions = []
@@ -85,6 +86,7 @@ def predict(
                 "id": example.id, "prediction": answer, "selected": picks, "failure": failure_class(example, picks, answer),
                 "em": exact_match(answer, example.answers), "f1": f1_score(answer, example.answers),
                 "recall": selection_recall([example.candidates[i] for i in picks], example.answers),
+                "pool_recall": selection_recall(example.candidates, example.answers),
                 "answer_log_likelihood": likelihood,
             })
     return predictions
@@ -99,5 +101,5 @@ def summarize(predictions: Sequence[dict]) -> dict:
     if not predictions:
         raise ValueError("no predictions to summarize")
     n = len(predictions)
-    means = {key: sum(p[key] for p in predictions) / n for key in ("em", "f1", "recall", "answer_log_likelihood")}
+    means = {key: sum(p[key] for p in predictions) / n for key in ("em", "f1", "recall", "pool_recall", "answer_log_likelihood")}
     return {**means, "attribution": fractions([p["failure"] for p in predictions]), "predictions": list(predictions)}

@@ -44,10 +44,13 @@ class LMSelector(AdapterRole):
         tokenizer: its tokenizer.
         top_k: how many candidates a permutation picks (k).
         max_passage_words: passages are cut to this many words in the prompt.
+        retriever: the retriever whose pools this selector ranks (``retriever.train``, a third trainable unit:
+            :class:`dro_plugins.selectors.retriever.RetrieverSelector`); None: the pools the questions came with.
     """
 
-    def __init__(self, model, tokenizer, top_k: int, max_passage_words: int, unit: AdapterUnit | None = None):
+    def __init__(self, model, tokenizer, top_k: int, max_passage_words: int, unit: AdapterUnit | None = None, retriever=None):
         self.model = model
+        self.retriever = retriever
         self.tokenizer = tokenizer
         self.top_k = top_k
         self.max_passage_words = max_passage_words
@@ -158,8 +161,9 @@ class LMSelector(AdapterRole):
         return permutations[:, 0].tolist()
 
     def candidates(self, batch: Sequence[Example]) -> list[Example]:
-        """The questions as they are: the LM selector ranks the pool the questions came with."""
-        return list(batch)
+        """The pools this selector ranks: re-retrieved by its retriever with the current query tower (when it has
+        one, see the class), else the pools the questions came with."""
+        return self.retriever.candidates(batch) if self.retriever is not None else list(batch)
 
     def write(self, batch: Sequence[Example], k: int | None = None, max_new_tokens: int = 64) -> list[str]:
         """Unconstrained greedy decoding: the selector's raw text per question, e.g. ``"[3] > [1]"``.

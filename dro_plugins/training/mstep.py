@@ -1,5 +1,7 @@
 """The M-step (paper §4.3, Eq. 10 and 11): importance-weighted optimizer steps of the selector and the generator
-over one E-step's samples, split into micro-batches under the token budget, with the NaN policy.
+over one E-step's samples, split into micro-batches under the token budget, with the NaN policy. With a retriever
+unit (``retriever.train``) its query tower and tau take a third step on the same weighted lists,
+``L_R = - sum_i w_i log p_R(z_i | x)`` (Plackett-Luce over the pool; README "Three trainable units").
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dro_plugins.faults import crash_point
 from dro_plugins.training.checkpoint import LoopState
 from dro_plugins.training.estep import Samples
 from dro_plugins.training.objective import generator_loss, selector_loss
-from dro_plugins.training.session import ROLES, Session
+from dro_plugins.training.session import Session
 
 
 def rng(*parts: int) -> torch.Generator:
@@ -56,7 +58,9 @@ def optimizer_step(
     optimizer: torch.optim.Optimizer,
     state: LoopState | None = None,
 ) -> float | None:
-    """One optimizer step of ``role`` on ``batch``: Eq. 10 (selector) or Eq. 11 (generator).
+    """One optimizer step of ``role`` on ``batch``: Eq. 10 (selector), Eq. 11 (generator), or the retriever's
+    ``L_R = - sum_i w_i log p_R(z_i | x)`` (the same weighted objective as Eq. 10, scored by the retriever's
+    Plackett-Luce distribution over the question's pool).
 
     ``batch`` is the step's global batch. With several processes each takes its contiguous share; its share is
     split into micro-batches of at most ``dro.max_tokens_per_microbatch`` padded tokens, each backpropagating
@@ -76,8 +80,9 @@ def optimizer_step(
     Raises:
         TrainingError: ``dro.max_nan_batches`` non-finite steps in a row.
     """
-    score = session.selector.log_prob if role == "selector" else session.generator.log_likelihood
-    objective = selector_loss if role == "selector" else generator_loss
+    score = {"selector": session.selector.log_prob, "generator": session.generator.log_likelihood}.get(role)
+    score = score or session.retriever.log_prob
+    objective = generator_loss if role == "generator" else selector_loss
     runtime, unit = session.runtime, session.units[role]
     mine = list(runtime.shard(len(batch)))
     part, part_permutations, part_weights = [batch[i] for i in mine], permutations[mine], weights[mine]
@@ -116,7 +121,7 @@ def check_finite(session: Session, after: str, key: str, state: LoopState | None
     Raises:
         TrainingError: naming the role, what came before, and the key to lower (a resume accepts the change).
     """
-    roles = [role for role in ROLES if getattr(session.config.dro, f"train_{role}")]
+    roles = session.trained_roles()
     broken = [role for role in roles if state is not None and not state.losses.get(role)]
     broken += [role for role in roles if not all(bool(torch.isfinite(local(p)).all()) for p in session.units[role].parameters())]
     broken = sorted(set(session.runtime.gather(broken)))
@@ -146,7 +151,8 @@ def skip_non_finite(session: Session, role: str, state: LoopState | None) -> Non
 
 
 def m_step(session: Session, samples: Samples, optimizers: dict, iteration: int, state: LoopState) -> None:
-    """Importance-weighted maximisation of both models (Eq. 10 and 11) over one E-step's samples.
+    """Importance-weighted maximisation of both models (Eq. 10 and 11), and of the retriever when it is a unit,
+    over one E-step's samples.
 
     ``dro.m_step_epochs`` passes over the questions in a seeded order, ``dro.batch_size`` per optimizer step; a
     resumed M-step skips the ``state.batches_done`` it applied before.
@@ -158,8 +164,8 @@ def m_step(session: Session, samples: Samples, optimizers: dict, iteration: int,
     size = len(samples.questions)
     order = torch.cat([torch.randperm(size, generator=rng(session.config.seed, iteration, e)) for e in range(dro.m_step_epochs)])
     steps = [order[i : i + dro.batch_size] for i in range(0, len(order), dro.batch_size)]
-    for model in (session.selector.model, session.generator.model):
-        model.train()
+    for unit in session.units.values():
+        unit.model.train()
     session.activity = f"M-step of iteration {iteration}"
     for done, index in enumerate(session.track(steps, f"M-step {iteration}", len(order), size=len), start=1):
         if done <= state.batches_done:  # resumed: these batches were applied before the interrupt
@@ -167,11 +173,11 @@ def m_step(session: Session, samples: Samples, optimizers: dict, iteration: int,
         batch = [samples.questions[i] for i in index.tolist()]
         permutations, weights = samples.permutations[index], samples.weights[index]
         with session.measure("m_step", len(session.runtime.shard(len(batch)))):
-            for role in ("selector", "generator"):
-                if getattr(dro, f"train_{role}"):
-                    loss = optimizer_step(session, role, batch, permutations, weights, optimizers[role], state)
-                    if loss is not None:
-                        state.losses.setdefault(role, []).append(loss)
+            for role in session.trained_roles():
+                loss = optimizer_step(session, role, batch, permutations, weights, optimizers[role], state)
+                if loss is not None:
+                    state.losses.setdefault(role, []).append(loss)
+                crash_point(f"m-step-{role}")
         state.batches_done = done
         crash_point("m-step")
         if session.stop_agreed():

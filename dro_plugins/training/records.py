@@ -31,7 +31,8 @@ def metrics_line(result: dict, iteration: int, stage: str, state: LoopState, e_s
         e_step: :func:`dro_plugins.training.estep.diagnostics` of the iteration ({} for iteration 0).
         throughput: summary per workload.
     """
-    line = {"iteration": iteration, "stage": stage, **{k: result[k] for k in METRIC_KEYS}, "attribution": result["attribution"]}
+    line = {"iteration": iteration, "stage": stage, **{k: result[k] for k in METRIC_KEYS}, "pool_recall": result["pool_recall"]}
+    line["attribution"] = result["attribution"]
     if iteration > 0:
         line.update(e_step)
         line.update({f"{role}_loss": sum(v) / len(v) for role, v in state.losses.items() if v})
@@ -118,14 +119,19 @@ def publish_best(paths: RunPaths, checkpoint: Path, tokenizers: dict) -> None:
         crash_point("best-published")
 
 
+def _scores(line: dict) -> dict:
+    """A metrics line's validation scores (``pool_recall`` where recorded: runs before it was added lack it)."""
+    return {k: line[k] for k in (*METRIC_KEYS, "pool_recall") if k in line}
+
+
 def report(state: LoopState, dro: DROConfig) -> dict:
     """``report.json``: the best iteration's validation scores, iteration 0's, why the run stopped, the history."""
     dro_lines = [line for line in state.history if line["stage"] == "dro"]
     best = next(line for line in dro_lines if line["iteration"] == state.best_iteration)
     early = state.stale_iterations >= dro.patience
     return {
-        "validation": {k: best[k] for k in METRIC_KEYS} | {"iteration": best["iteration"]},
-        "baseline": {k: dro_lines[0][k] for k in METRIC_KEYS},
+        "validation": _scores(best) | {"iteration": best["iteration"]},
+        "baseline": _scores(dro_lines[0]),
         "metric_for_best": dro.metric_for_best,
         "stopped": "early" if early else "completed",
         "stop_reason": (

@@ -52,9 +52,19 @@ class Session:
     warned_oversized: set[str] = field(default_factory=set)
 
     @property
+    def retriever(self):
+        """The retriever whose pools the LM selector ranks, trained as a third unit (``retriever.train``), or None."""
+        return getattr(self.selector, "retriever", None)
+
+    @property
     def units(self) -> dict:
-        """The trainable unit of each role (``selector``, ``generator``)."""
-        return {"selector": self.selector.unit, "generator": self.generator.unit}
+        """The trainable unit of each role (``selector``, ``generator``, and ``retriever`` when there is one)."""
+        units = {"selector": self.selector.unit, "generator": self.generator.unit}
+        return units | ({"retriever": self.retriever.unit} if self.retriever is not None else {})
+
+    def trained_roles(self) -> list[str]:
+        """The roles the M-step updates: those with a unit and ``dro.train_<role>`` on."""
+        return [role for role in self.units if getattr(self.config.dro, f"train_{role}")]
 
     def stop_agreed(self) -> bool:
         """Whether any process was asked to stop (Ctrl-C, or the SIGTERM a launcher sends every process at slightly
@@ -69,8 +79,9 @@ class Session:
 
     def shapes(self, role: str, batch: Sequence[Example], permutations: torch.Tensor) -> list[Shape]:
         """Tokens each question needs in ``role`` with ``permutations`` ``[B, m, k]``."""
-        if role == "selector":
-            return [self.selector.shape(ex, permutations.shape[1], permutations.shape[2]) for ex in batch]
+        if role in ("selector", "retriever"):
+            model = self.selector if role == "selector" else self.retriever
+            return [model.shape(ex, permutations.shape[1], permutations.shape[2]) for ex in batch]
         return [self.generator.shape(ex, p.tolist()) for ex, p in zip(batch, permutations)]
 
     def plan(self, role: str, batch: Sequence[Example], shapes: list[Shape]) -> list[list[int]]:

@@ -43,7 +43,8 @@ class DROTrainer:
     Args:
         config: the resolved run config (written to the run folder as it is).
         selector, generator: the two roles, each with a trainable unit (``.unit``): any selector kind
-            (:class:`dro_plugins.selectors.base.Selector`) and an LM generator with its LoRA adapter.
+            (:class:`dro_plugins.selectors.base.Selector`) and an LM generator with its LoRA adapter. An LM selector
+            holding a retriever (``selector.retriever``, ``retriever.train``) brings the third unit.
         train, validation: questions.
         run_dir: the run folder.
         track: progress wrapper ``track(iterable, description, total)``; silent by default.
@@ -219,12 +220,15 @@ class DROTrainer:
             self.reporter.log(line, first_step=sum(optimizer_steps(earlier) for earlier in state.history[:-1]))
         self.session.log(
             f"iteration {iteration} ({stage}): EM {line['em']:.3f}  F1 {line['f1']:.3f}  recall {line['recall']:.3f}"
+            + (f"  pool recall {line['pool_recall']:.3f}" if self.config.retriever_role else "")
             + (f"  ESS {line['ess']:.2f}/{self.config.dro.num_samples}" if "ess" in line else "")
         )
         return stage == "dro" and records.update_best(state, line, self.config.dro.metric_for_best)
 
     def _tokenizers(self) -> dict:
-        return {"selector": self.session.selector.tokenizer, "generator": self.session.generator.tokenizer}
+        """Each unit's tokenizer, saved beside its best weights (by role)."""
+        retriever = {"retriever": self.session.retriever.tokenizer} if self.session.retriever is not None else {}
+        return {"selector": self.session.selector.tokenizer, "generator": self.session.generator.tokenizer} | retriever
 
     def _checkpoint(self, state: LoopState, new_best: bool = False) -> None:
         """Save the loop state; with a new best iteration, its adapters go into the checkpoint, then the run folder."""
