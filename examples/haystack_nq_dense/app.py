@@ -63,11 +63,15 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     pipeline = load_optimized(args.pipeline, args.corpus)
-    result = pipeline.run({"text_embedder": {"text": args.question}, "prompt_builder": {"question": args.question}},
-                          include_outputs_from={"retriever"})
+    inputs = {"text_embedder": {"text": args.question}, "prompt_builder": {"question": args.question}}
+    shown = "retriever"  # the passages the prompt reads: the retriever's, or the DRO selector's (three-unit run)
+    if "dro_selector" in dict(pipeline.walk()):
+        inputs["dro_selector"] = {"query": args.question}
+        shown = "dro_selector"
+    result = pipeline.run(inputs, include_outputs_from={shown})
     answer = (result["llm"]["replies"][0].text or "").strip()
     print("answer:", answer or EMPTY_ANSWER)
-    for rank, document in enumerate(result["retriever"]["documents"], start=1):
+    for rank, document in enumerate(result[shown]["documents"], start=1):
         print(f"[{rank}] {document.meta.get('title', '')}: {document.content[:100]}")
 
 
