@@ -412,6 +412,40 @@ def test_retriever_selector_trains_the_engines_embedding_model_and_the_factory_s
     assert int(count) == 2 and float(to_trained) < 1e-5 and float(to_original) > 1e-4
 
 
+def test_three_units_train_and_the_factory_serves_the_query_model_the_selector_and_the_generator(tmp_path, write_config, tiny_model_dir, monkeypatch):
+    """retriever.train: the engine's HuggingFaceEmbedding, an LM selector over its top n and the LLM are trained in one
+    run; the example factory serves all three from the run folder (the fine-tuned query model retrieves, the DRO
+    postprocessor picks, the fine-tuned generator answers)."""
+    factory = _example_factory(tmp_path, tiny_model_dir)
+    monkeypatch.chdir(tmp_path)
+    tree = _run_tree(factory, warmup={"generator_steps": 2, "selector_steps": 2}, dro={"iterations": 1, "num_samples": 2, "batch_size": 4}, report_to="none")
+    tree["retriever"] = {"train": True, "max_seq_length": 64}
+    tree["data"]["num_candidates"] = 5
+    tree["output_dir"] = str(tmp_path / "run")
+    result = CliRunner().invoke(app, ["optimize", str(write_config(tree))])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    samples = [json.loads(line) for line in (run / "samples" / "iteration_001.jsonl").read_text().splitlines()]
+    assert all(len(line["candidates"]) == 5 for line in samples)  # re-retrieved from the engine's index
+    assert all((run / role).is_dir() for role in ("retriever", "selector", "generator-model"))
+
+    script = (
+        f"import sys, torch; sys.path.insert(0, {str(tmp_path)!r}); from factory import build\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        f"engine = build(run_dir={str(run)!r}); question = 'who sang i will always love you'\n"
+        "served = torch.tensor(engine.retriever._embed_model.get_query_embedding(question))\n"
+        f"trained = SentenceTransformer({str(run / 'retriever')!r}, device='cpu').encode(question, convert_to_tensor=True)\n"
+        "print(len(engine.query(question).source_nodes), engine.retriever.similarity_top_k, "
+        "[type(p).__name__ for p in engine._node_postprocessors], (served - trained).abs().max().item())"
+    )
+    served = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert served.returncode == 0, served.stderr[-2000:]
+    count, top_n, postprocessors, gap = served.stdout.split(maxsplit=3)[0], *served.stdout.rsplit(maxsplit=3)[-3:]
+    assert (int(count), int(top_n), postprocessors) == (2, 5, "['DROSelectorPostprocessor']") and float(gap) < 1e-5
+
+
 def test_example_app_without_its_generator_says_what_to_run(tmp_path):
     sys.path.insert(0, str(EXAMPLE))
     try:

