@@ -123,6 +123,8 @@ def load_retriever(
         embeddings = corpus_embeddings(RunPaths(Path(run_dir)), documents, passages)
         index = FaissIndex(passages, embeddings)
         selector.remember(passages, embeddings)
+        if getattr(section, "normalization", "pool") == "corpus":
+            selector.corpus_embeddings = torch.nn.functional.normalize(embeddings.float(), dim=-1).to(device)
     selector.index = index
     return selector
 

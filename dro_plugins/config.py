@@ -146,6 +146,12 @@ class RetrieverConfig(BiEncoderConfig):
         description="Make the retriever a third trainable unit next to the LM selector and the generator (needs "
         "selector.kind lm). dro.train_retriever: false keeps it frozen (pools still re-retrieved by it: an ablation).",
     )
+    normalization: Literal["pool", "corpus"] = Field(
+        "pool",
+        description="What p_R(z | x) is normalised over in L_R: 'pool' (the re-retrieved top data.num_candidates, as "
+        "RePlug and Atlas do) or 'corpus' (every passage of retriever.corpus: exact for the frozen document tower, one "
+        "chunked matrix product per question; not with a pipeline's document store).",
+    )
 
 
 def _selector_kind(value: Any) -> str:
@@ -323,6 +329,20 @@ class RunConfig(_Section):
         """The config section of the bi-encoder whose query tower this run trains: ``"selector"``
         (``selector.kind: retriever``), ``"retriever"`` (``retriever.train``, in front of an LM selector), or None."""
         return "selector" if self.selector.kind == "retriever" else "retriever" if self.retriever.train else None
+
+    @model_validator(mode="after")
+    def _corpus_normalization_has_a_corpus(self) -> RunConfig:
+        if self.retriever.train and self.retriever.normalization == "corpus" and self.retriever.corpus is None:
+            raise ValueError(
+                "retriever.normalization: 'corpus' normalises over the embeddings of retriever.corpus, which is unset; "
+                "set retriever.corpus to the corpus file, or use normalization: pool"
+            )
+        if self.retriever.train and self.retriever.normalization == "corpus" and self.pipeline is not None:
+            raise ValueError(
+                "retriever.normalization: 'corpus' needs the corpus's embeddings in retriever.corpus, but a pipeline's "
+                "pools come from its own document store; use normalization: pool with a pipeline"
+            )
+        return self
 
     @model_validator(mode="after")
     def _retriever_unit_fits(self) -> RunConfig:

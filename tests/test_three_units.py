@@ -46,6 +46,25 @@ def test_retriever_loss_equals_the_hand_computed_value():
     assert scores.grad.sum().item() == pytest.approx(0.0, abs=1e-6)  # Plackett-Luce ignores a shift of all scores
 
 
+def test_corpus_normalisation_is_plackett_luce_over_the_whole_corpus():
+    """log p_R(z | x) normalised over the corpus (chunked logsumexp, pool scores a subset) equals Plackett-Luce over
+    all the corpus's scores, in value and in gradient with respect to the query and tau."""
+    torch.manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(2, 5, dtype=torch.float64), dim=-1).requires_grad_()
+    corpus = torch.nn.functional.normalize(torch.randn(9, 5, dtype=torch.float64), dim=-1)
+    tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    pools = torch.tensor([[0, 3, 5, 7], [1, 2, 4, 8]])
+    lists = torch.tensor([[[0, 1], [2, 3]], [[3, 0], [1, 2]]])  # indices into the pools
+    total = plackett_luce.corpus_logsumexp(queries, corpus, tau, chunk=4)  # three chunks, recomputed in backward
+    pool_scores = torch.einsum("bd,bnd->bn", queries, corpus[pools]) / tau
+    ours = plackett_luce.log_prob_over_corpus(pool_scores, lists, total)
+    exact = plackett_luce.log_prob(queries @ corpus.T / tau, torch.stack([pools[b][lists[b]] for b in range(2)]))
+    assert torch.allclose(ours, exact)
+    assert not torch.allclose(ours, plackett_luce.log_prob(pool_scores, lists))  # the pool alone gives more mass
+    for a, b in zip(torch.autograd.grad(ours.sum(), [queries, tau], retain_graph=True), torch.autograd.grad(exact.sum(), [queries, tau])):
+        assert torch.allclose(a, b)
+
+
 def three_unit_tree(tmp_path: Path, corpus: Path | None = None, **sections) -> dict:
     tree = {
         "data": {"train": str(NQ_TRAIN), "validation": str(NQ_TRAIN), "num_candidates": 6, "max_examples": 8},

@@ -41,6 +41,53 @@ def log_prob(scores: torch.Tensor, permutations: torch.Tensor, valid: torch.Tens
     return (picked - remaining.logsumexp(-1)).sum(-1)
 
 
+def log_prob_over_corpus(scores: torch.Tensor, permutations: torch.Tensor, corpus_logsumexp: torch.Tensor) -> torch.Tensor:
+    """log p(z | s) of top-k lists when each position normalises over a whole corpus, not only the pool:
+
+        log p(z | s) = sum_{j=1..k} [ s_{z_j} - log( exp(L) - sum_{i<j} exp(s_{z_i}) ) ],   L = logsumexp_corpus s
+
+    i.e. Plackett-Luce over the corpus, of which the pool's scores are a part. Exact for the corpus when ``L`` is its
+    exact logsumexp (:func:`corpus_logsumexp`).
+
+    Args:
+        scores: ``[B, n]`` the pool's scores; permutations: ``[B, m, k]`` indices into the pool.
+        corpus_logsumexp: ``[B]`` L, differentiable.
+
+    Returns:
+        ``[B, m]`` log-probabilities (float32, float64 for float64 scores).
+    """
+    scores = scores if scores.dtype == torch.float64 else scores.float()
+    total = corpus_logsumexp.to(scores.dtype)[:, None, None]  # [B, 1, 1]
+    batch, num_samples, _ = permutations.shape
+    picked = scores[:, None, :].expand(batch, num_samples, -1).gather(-1, permutations)  # [B, m, k]
+    share = (picked - total).exp()  # each picked passage's share of the corpus mass
+    removed = torch.cat([torch.zeros_like(share[..., :1]), share[..., :-1].cumsum(-1)], -1)  # taken before position j
+    return (picked - total - torch.log1p(-removed.clamp(max=1 - 1e-6))).sum(-1)
+
+
+def corpus_logsumexp(queries: torch.Tensor, documents: torch.Tensor, temperature: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """``L = logsumexp_i (q . d_i / tau)`` over a corpus, ``[B]``, differentiable in ``queries`` and ``temperature``.
+
+    One matrix product per chunk of ``chunk`` documents; each chunk is recomputed in the backward pass
+    (activation checkpointing), so memory is ``B x chunk`` scores at a time, not ``B x N``.
+
+    Args:
+        queries: ``[B, d]`` unit query embeddings; documents: ``[N, d]`` unit document embeddings (constants);
+        temperature: tau, a scalar tensor.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def part(q, block, tau):
+        return (q @ block.T / tau).logsumexp(-1)
+
+    parts = [
+        checkpoint(part, queries, documents[i : i + chunk], temperature, use_reentrant=False) if torch.is_grad_enabled()
+        else part(queries, documents[i : i + chunk], temperature)
+        for i in range(0, documents.shape[0], chunk)
+    ]
+    return torch.stack(parts, -1).logsumexp(-1)
+
+
 def gumbel_top_k(scores: torch.Tensor, top_k: int, noise: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Exact Plackett-Luce samples: the top-k of ``scores + noise``, best first.
 

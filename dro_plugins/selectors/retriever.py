@@ -86,10 +86,16 @@ class BiEncoderScorer(torch.nn.Module):
         self.encoder.eval()
         return self
 
-    def forward(self, features: dict, documents: torch.Tensor) -> torch.Tensor:
-        """Scores ``[B, n]`` = cos(q, d_i) / tau for queries ``features`` (B texts) and unit documents ``[B, n, d]``."""
+    def forward(self, features: dict, documents: torch.Tensor, corpus: torch.Tensor | None = None):
+        """Scores ``[B, n]`` = cos(q, d_i) / tau for queries ``features`` (B texts) and unit documents ``[B, n, d]``;
+        with ``corpus`` (``[N, d]`` unit document embeddings), also ``logsumexp_i cos(q, d_i) / tau`` over it ``[B]``
+        (:func:`~dro_plugins.selectors.plackett_luce.corpus_logsumexp`), as ``(scores, corpus_logsumexp)``."""
         queries = torch.nn.functional.normalize(self.encoder(features)["sentence_embedding"].float(), dim=-1)
-        return torch.einsum("bd,bnd->bn", queries, documents) / self.log_temperature.exp()
+        temperature = self.log_temperature.exp()
+        scores = torch.einsum("bd,bnd->bn", queries, documents) / temperature
+        if corpus is None:
+            return scores
+        return scores, plackett_luce.corpus_logsumexp(queries, corpus, temperature)
 
 
 class RetrieverSelector:
@@ -103,13 +109,16 @@ class RetrieverSelector:
         num_candidates: n, the pool size re-retrieved from ``index``.
         query_prefix, query_suffix: put around each question before the query tower embeds it (as the pipeline's
             text embedder does).
+        corpus_embeddings: ``[N, d]`` unit document embeddings of the whole corpus: :meth:`log_prob` then normalises
+            over the corpus (``retriever.normalization: corpus``), not over the pool; None: over the pool.
     """
 
     def __init__(
         self, scorer: BiEncoderScorer, document_encoder, top_k: int, index=None, num_candidates: int = 20,
-        query_prefix: str = "", query_suffix: str = "",
+        query_prefix: str = "", query_suffix: str = "", corpus_embeddings: torch.Tensor | None = None,
     ):
         self.model = scorer
+        self.corpus_embeddings = corpus_embeddings
         self.query_prefix, self.query_suffix = query_prefix, query_suffix
         self.document_encoder = document_encoder.requires_grad_(False)
         self.top_k = top_k
@@ -179,12 +188,19 @@ class RetrieverSelector:
         return SampleBatch(permutations.cpu(), plackett_luce.log_prob(scores, permutations, valid).cpu())
 
     def log_prob(self, batch: Sequence[Example], permutations: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """Differentiable Plackett-Luce log p(z | x) ``[B, m]`` of ``permutations`` ``[B, m, k]`` (float32).
+        """Differentiable Plackett-Luce log p(z | x) ``[B, m]`` of ``permutations`` ``[B, m, k]`` (float32), normalised
+        over each question's pool, or over the whole corpus with ``corpus_embeddings`` (then ``temperature`` is 1).
 
         Gradients reach the query tower and tau only; the document embeddings are constants.
         """
-        scores, valid = self.scores(batch)
-        return plackett_luce.log_prob(scores / temperature, permutations.to(scores.device), valid)
+        if self.corpus_embeddings is None:
+            scores, valid = self.scores(batch)
+            return plackett_luce.log_prob(scores / temperature, permutations.to(scores.device), valid)
+        documents, _ = self.documents(batch)
+        features = features_on(self.model.encoder, self._queries(batch), self.device)
+        corpus = self.corpus_embeddings.to(self.device)
+        scores, total = self.unit.scoring_model()(features, documents, corpus)
+        return plackett_luce.log_prob_over_corpus(scores, permutations.to(scores.device), total)
 
     @torch.no_grad()
     def select(self, batch: Sequence[Example], k: int | None = None) -> list[list[int]]:
