@@ -14,6 +14,17 @@ Methods (all on the same task, seeds, warm-ups and number of M-step batches):
   all-MiniLM-L6-v2's scores; its query tower and temperature trained), the generator from the same warm-up;
 - ``retriever_supervised``: the same retriever trained on the labelled positives (its upper bound).
 
+The corpus task (``corpus_values``) asks each question about one passage of a shared corpus of 4,628 (values behind
+three-word keys, 12 look-alike distractors per key, :func:`dro_plugins.data.synthetic.make_corpus_dataset`); every
+pool is the top 8 that all-MiniLM-L6-v2 retrieves from it (the gold passage is in it for about 60% of the
+questions), and an LM selector picks 2. Its methods:
+
+- ``three_units``: DRO training the retriever's query tower (``retriever.train``), the LM selector and the generator,
+  every pool re-retrieved each E-step; ``three_units_corpus_norm`` the same with L_R normalised over the corpus;
+- ``lm_selector_only``: the same with the retriever frozen (``dro.train_retriever: false``: fixed pools);
+- ``retriever_only``: DRO with the retriever as the selector (``selector.kind: retriever``, its top 2), no LM selector;
+- ``supervised_selector`` and ``retriever_supervised`` as above: the supervised bounds.
+
 Each (task, seed) warms up once (paper §6.4) and every method starts from that state, so iteration 0 is
 the same for all methods that use the LM selector; the retriever methods start from the pretrained retriever and
 the warmed-up generator. The supervised methods use the trainer's own optimizer step (``DROTrainer.step``) with
@@ -49,17 +60,24 @@ import torch  # noqa: E402
 
 from dro_plugins.modeling.batching import Shape  # noqa: E402
 from dro_plugins.config import RunConfig  # noqa: E402
-from dro_plugins.data.examples import Example, load_examples  # noqa: E402
+from dro_plugins.data.examples import Example, Passage, load_examples  # noqa: E402
 from dro_plugins.evaluation.predictions import batches, evaluate  # noqa: E402
 from dro_plugins.reporting.plots import pyplot, save_figure  # noqa: E402
-from dro_plugins.build import build_models, load_model, load_retriever_selector, make_generator  # noqa: E402
-from dro_plugins.data.synthetic import make_dataset, make_entity_dataset  # noqa: E402
+from dro_plugins.build import build_models, corpus_embeddings, load_model, load_retriever, load_retriever_selector, make_generator  # noqa: E402
+from dro_plugins.config import MINILM  # noqa: E402
+from dro_plugins.data.examples import load_corpus, write_examples  # noqa: E402
+from dro_plugins.data.labels import passage_has_answer  # noqa: E402
+from dro_plugins.data.synthetic import make_corpus_dataset, make_dataset, make_entity_dataset  # noqa: E402
+from dro_plugins.modeling.loading import load_sentence_encoder  # noqa: E402
+from dro_plugins.selectors.retriever import embed  # noqa: E402
+from dro_plugins.training.run_folder import RunPaths  # noqa: E402
 from dro_plugins.data.supervision import positive_candidates, supervised_permutation  # noqa: E402
 from dro_plugins.training.trainer import DROTrainer  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 METHODS = ("dro", "no_selector_training", "no_generator_training", "unweighted", "sft_first_k")
 SELECTION_METHODS = ("supervised_selector", "retriever_dro", "retriever_supervised")  # full runs only, by default
+CORPUS_METHODS = ("three_units", "three_units_corpus_norm", "lm_selector_only", "retriever_only", "supervised_selector", "retriever_supervised")
 METHOD_SETTINGS = {
     "dro": {},
     "no_selector_training": {"train_selector": False},
@@ -68,9 +86,10 @@ METHOD_SETTINGS = {
     "supervised_selector": {"train_generator": False},
     "retriever_dro": {},
     "retriever_supervised": {"train_generator": False},
+    "lm_selector_only": {"train_retriever": False},
 }
 RETRIEVER = {"kind": "retriever", "max_seq_length": 128}
-METRICS = ("em", "f1", "recall")
+METRICS = ("em", "f1", "recall", "pool_recall")
 DIAGNOSTICS = ("ess", "weight_entropy", "distinct_samples", "sample_recall")
 TINY_LORA = {"rank": 8, "alpha": 16, "modules_to_save": ["embed_tokens", "lm_head"]}
 
@@ -92,6 +111,7 @@ class Task:
     sections: dict = field(default_factory=dict)
     seeds: int = 3
     sweep: tuple[int, ...] = ()
+    corpus: bool = False  # the corpus task: pools re-retrieved from corpus_folder(seed) / "corpus.jsonl"
 
 
 def shared_questions(split: str, size: int, _seed: int, name: str, num_candidates: int, top_k: int) -> list[Example]:
@@ -105,6 +125,41 @@ def synthetic_questions(split: str, size: int, seed: int, num_candidates: int, e
     if entity:
         return make_entity_dataset(size, num_candidates, seed)
     return make_dataset(size, num_candidates, seed, passage_words=2)
+
+
+CORPUS_ROOT = Path(tempfile.gettempdir()) / "dro-learning-corpus"
+CORPUS_DISTRACTORS = 12
+
+
+def corpus_folder(seed: int) -> Path:
+    return CORPUS_ROOT / f"seed-{seed}"
+
+
+def prepare_corpus_task(task: Task, seed: int) -> None:
+    """Write the corpus task's corpus, its MiniLM embeddings (``index/``, as a run keeps them) and its questions
+    with their starting pools (MiniLM's top ``task.num_candidates``, labelled by answer match) to
+    :func:`corpus_folder`, once per seed."""
+    folder = corpus_folder(seed)
+    if (folder / "validation.jsonl").is_file():
+        return
+    questions, corpus = make_corpus_dataset(task.train_size + task.validation_size, CORPUS_DISTRACTORS, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in corpus))
+    encoder = load_sentence_encoder(MINILM, "retriever.model", "cpu", RETRIEVER["max_seq_length"])
+    passages = load_corpus(folder / "corpus.jsonl")
+    documents = corpus_embeddings(RunPaths(folder), encoder, passages)
+    rows = (embed(encoder, [q.question for q in questions]) @ documents.T).topk(task.num_candidates).indices.tolist()
+    pooled = [
+        Example(q.id, q.question, q.answers, tuple(Passage(p.id, p.title, p.text, passage_has_answer(p, q.answers)) for p in (passages[i] for i in row)))
+        for q, row in zip(questions, rows)
+    ]
+    write_examples(pooled[: task.train_size], folder / "train.jsonl")
+    write_examples(pooled[task.train_size :], folder / "validation.jsonl")
+
+
+def corpus_questions(split: str, size: int, seed: int) -> list[Example]:
+    """The corpus task's questions of ``split`` with their starting pools (:func:`prepare_corpus_task`)."""
+    return load_examples(corpus_folder(seed) / f"{split}.jsonl", 8, 2, max_examples=size)
 
 
 def _synthetic_sections(iterations: int, num_samples: int, selector_warmup: int) -> dict:
@@ -131,6 +186,7 @@ def tasks(quick: bool) -> dict[str, Task]:
         Task("entity_8", partial(synthetic_questions, num_candidates=8, entity=True), 8, 2, 256, 200, _synthetic_sections(5, 16, 70), seeds=1),
         Task("nq", partial(shared_questions, name="nq", num_candidates=10, top_k=3), 10, 3, 96, 64, real, seeds=1),
         Task("musique", partial(shared_questions, name="musique", num_candidates=10, top_k=3), 10, 3, 96, 64, real, seeds=1),
+        Task("corpus_values", corpus_questions, 8, 2, 256, 100, _synthetic_sections(4, 8, 70), seeds=1, corpus=True),
     ]
     return {task.name: task for task in listed}
 
@@ -145,9 +201,10 @@ def chance_recall(examples: Sequence[Example], top_k: int) -> float:
     return total / len(examples)
 
 
-def run_config(task: Task, seed: int, output_dir: Path, retriever: bool = False, **dro) -> RunConfig:
+def run_config(task: Task, seed: int, output_dir: Path, retriever: bool = False, method: str = "", **dro) -> RunConfig:
     """The run config of one method run: tiny models (or the retriever selector), the task's sections, ``dro``
-    overrides, no early stopping."""
+    overrides, no early stopping; on the corpus task, the retriever re-retrieving from the corpus (as the selector,
+    or as the third unit for ``three_units*`` and ``lm_selector_only``)."""
     tree = {
         "data": {"train": "unused", "validation": "unused", "num_candidates": task.num_candidates},
         "selector": {"model": "tiny-llama", "top_k": task.top_k, "lora": dict(TINY_LORA)},
@@ -161,8 +218,12 @@ def run_config(task: Task, seed: int, output_dir: Path, retriever: bool = False,
         tree.setdefault(key, {}).update(value)
     tree["dro"] = {**tree["dro"], **dro}
     tree["dro"]["patience"] = tree["dro"]["iterations"] + 1  # every method runs the whole budget
+    corpus = {"corpus": str(corpus_folder(seed) / "corpus.jsonl")} if task.corpus else {}
     if retriever:
-        tree["selector"] = {**RETRIEVER, "top_k": task.top_k}
+        tree["selector"] = {**RETRIEVER, "top_k": task.top_k, **corpus}
+    if method.startswith("three_units") or method == "lm_selector_only":
+        normalization = "corpus" if method.endswith("corpus_norm") else "pool"
+        tree["retriever"] = {"train": True, "max_seq_length": RETRIEVER["max_seq_length"], "normalization": normalization, **corpus}
     return RunConfig.model_validate(tree)
 
 
@@ -274,14 +335,19 @@ def run_method(task: Task, seed: int, method: str, num_samples: int, warm: Path,
     torch.set_num_threads(1)
     train, validation = _questions(task, seed)
     retriever = method.startswith("retriever")
-    config = run_config(task, seed, folder, retriever, **METHOD_SETTINGS.get(method, {}), num_samples=num_samples)
+    config = run_config(task, seed, folder, retriever, method, **METHOD_SETTINGS.get(method, {}), num_samples=num_samples)
     config.warmup.generator_steps = config.warmup.selector_steps = 0  # the shared warm-up replaces it
+    if task.corpus:  # the corpus's embeddings, computed once by prepare_corpus_task
+        shutil.copytree(corpus_folder(seed) / "index", folder / "index")
     if retriever:  # the pretrained retriever, and the warm-up's generator on the warm-up's (shared) tiny base
         shutil.copytree(warm / "base" / "selector", folder / "base" / "generator")
         selector = load_retriever_selector(config, folder)
         generator = make_generator(config, *load_model(config, "generator", folder, adapters=warm))
-    else:
-        selector, generator = build_models(config, warm, adapters=warm)
+    else:  # the warm-up's adapters; a retriever unit starts from the pretrained retriever
+        lm_only = config.model_copy(update={"retriever": config.retriever.model_copy(update={"train": False})})
+        selector, generator = build_models(lm_only, warm, adapters=warm)
+        if config.retriever.train:
+            selector.retriever = load_retriever(config, "retriever", folder)
     started = time.perf_counter()
     trainer = DROTrainer(config, selector, generator, train, validation, folder)
     if method == "sft_first_k":
@@ -353,7 +419,7 @@ def print_table(results: dict) -> None:
     from rich.table import Table
 
     table = Table(title="DRO learning benchmark: final iteration, mean ± std over seeds")
-    for column in ("task", "seeds", "method", "EM", "F1", "recall", "recall it. 0", "chance"):
+    for column in ("task", "seeds", "method", "EM", "F1", "recall", "pool recall", "recall it. 0", "chance"):
         table.add_column(column, justify="left" if column in ("task", "method") else "right", no_wrap=True)
     for name, task in results["tasks"].items():
         rows = [(method, entry) for method, entry in task["methods"].items()]
@@ -417,22 +483,33 @@ def plot(results: dict, out: Path) -> list[Path]:
 # ---- entry point --------------------------------------------------------------------------------
 
 
+def task_methods(task: Task, named: Sequence[str] | None, quick: bool) -> list[str]:
+    """The methods run on ``task``: those ``named`` that fit it (the corpus task has its own), else its defaults."""
+    fitting = CORPUS_METHODS if task.corpus else METHODS + SELECTION_METHODS
+    if named:
+        return [method for method in named if method in fitting]
+    return list(CORPUS_METHODS if task.corpus else METHODS if quick else METHODS + SELECTION_METHODS)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/learning"), help="output folder (created)")
     parser.add_argument("--quick", action="store_true", help="one task, one seed, 3 iterations: a few minutes")
     parser.add_argument("--tasks", nargs="*", help="run only these tasks (default: all of the mode)")
     parser.add_argument(
-        "--methods", nargs="*", default=None, choices=METHODS + SELECTION_METHODS,
+        "--methods", nargs="*", default=None, choices=tuple(dict.fromkeys(METHODS + SELECTION_METHODS + CORPUS_METHODS)),
         help="methods to compare (default: all; with --quick, the first five)",
     )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per task (default: the task's, 1 to 3)")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes, one CPU thread each")
     args = parser.parse_args(argv)
 
-    args.methods = args.methods or list(METHODS if args.quick else METHODS + SELECTION_METHODS)
     available = tasks(args.quick)
     selected = [available[name] for name in (args.tasks or available)]
+    for task in selected:
+        for seed in range(args.seeds or task.seeds):
+            if task.corpus:
+                prepare_corpus_task(task, seed)
     task_seeds = {task.name: list(range(args.seeds or task.seeds)) for task in selected}
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -451,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             warm_ups[task.name, seed] = done.result()
             folder = root / f"{task.name}-{seed}"
             main_m = task.sections["dro"]["num_samples"]
-            variants = [(method, main_m) for method in args.methods]
+            variants = [(method, main_m) for method in task_methods(task, args.methods, args.quick)]
             variants += [("dro", m) for m in task.sweep if m != main_m]
             for method, m in variants:
                 job = pool.submit(run_method, task, seed, method, m, folder / "warm-up", folder / f"{method}-m{m}")
@@ -464,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "settings": {
             "quick": args.quick,
             "seeds": task_seeds,
-            "methods": args.methods,
+            "methods": {task.name: task_methods(task, args.methods, args.quick) for task in selected},
             "num_samples": {task.name: task.sections["dro"]["num_samples"] for task in selected},
             "iterations": {task.name: task.sections["dro"]["iterations"] for task in selected},
             "train_size": {task.name: task.train_size for task in selected},

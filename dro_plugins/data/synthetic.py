@@ -85,3 +85,38 @@ def make_entity_dataset(size: int, num_candidates: int = 8, seed: int = 0) -> li
     """``size`` independent entity questions, reproducible from ``seed``."""
     rng = random.Random(seed)
     return [make_entity_example(rng, i, num_candidates) for i in range(size)]
+
+
+KEY_WORDS = (FILLERS[20:32], FILLERS[36:48], FILLERS[10:20])  # adjectives, places, verbs: a key is one of each
+# Words like the values (colours, animals, foods, materials) that are not values: the corpus task's distractors.
+LOOKALIKES = "violet crimson navy scarlet fox deer goat mouse plum mango lime olive tin brass wool linen clay wax".split()
+
+
+def make_corpus_dataset(size: int, distractors: int = 12, seed: int = 0) -> tuple[list[Example], list[Passage]]:
+    """Questions over one shared corpus (the corpus task of ``benchmarks/learning.py``): question i asks for the value
+    stored under its key, three words such as "quiet river read"; its gold passage is the key and the value word,
+    and ``distractors`` passages hold the same key with a look-alike word (``LOOKALIKES``: "crimson", "fox", not a
+    value), so a retriever that matches the key ranks the gold passage among them by the word alone. With 12,
+    all-MiniLM-L6-v2 puts the gold passage in its top 8 for about 60% of the questions, in its top 2 for about 22%.
+    Every passage of every question is in the corpus, shuffled.
+
+    Returns:
+        ``(questions without candidates, corpus)``; ``size`` distinct keys (at most 12 x 12 x 10), reproducible
+        from ``seed``; answers are one value word each.
+
+    Raises:
+        ValueError: more questions than keys.
+    """
+    keys = [(a, p, v) for a in KEY_WORDS[0] for p in KEY_WORDS[1] for v in KEY_WORDS[2]]
+    if size > len(keys):
+        raise ValueError(f"the corpus task has {len(keys)} keys, fewer than {size} questions")
+    rng = random.Random(seed)
+    questions, corpus = [], []
+    for index, key in enumerate(rng.sample(keys, size)):
+        value = rng.choice(VALUES)
+        phrase = " ".join(key)
+        corpus.append(Passage(id=f"q{index}-gold", title="", text=f"{phrase} {value}"))
+        corpus += [Passage(id=f"q{index}-d{j}", title="", text=f"{phrase} {rng.choice(LOOKALIKES)}") for j in range(distractors)]
+        questions.append(Example(id=f"q{index}", question=f"which value goes with {phrase}?", answers=(value,), candidates=()))
+    rng.shuffle(corpus)
+    return questions, corpus
