@@ -184,7 +184,7 @@ def test_flat_f1_picks_the_best_answer_likelihood_and_says_it_stopped_early(writ
     scripted = iter([-5.0, -5.0, -4.0, -4.5, -4.6, -4.7])  # before warm-up, iterations 0..4: best is iteration 1
 
     def validate(self):
-        return {"em": 0.0, "f1": 0.0, "recall": 0.5, "answer_log_likelihood": next(scripted), "predictions": [],
+        return {"em": 0.0, "f1": 0.0, "recall": 0.5, "pool_recall": 1.0, "answer_log_likelihood": next(scripted), "predictions": [],
                 "attribution": {"correct": 0.0, "generation_miss": 1.0, "selection_miss": 0.0, "retrieval_miss": 0.0}}
 
     monkeypatch.setattr(DROTrainer, "validate", validate)
