@@ -178,21 +178,28 @@ def _tracker(progress: Progress):
 
 def _history_table(history: list[dict], num_samples: int) -> Table:
     """Validation per EM iteration; narrow enough for an 80-column terminal."""
-    table = Table(title="validation per EM iteration (log-lik: answer log-likelihood, nats)")
-    for column in ("it.", "stage", "EM", "F1", "recall", "log-lik", "ESS", "S loss", "G loss"):
+    three_units = any("retriever_loss" in line for line in history)  # retriever.train: its pool and loss too
+    table = Table(title="validation per EM iteration (log-lik: answer log-likelihood, nats)", padding=(0, 0) if three_units else (0, 1))
+    for column in ("it.", "stage", "EM", "F1", "recall", *(("pool",) if three_units else ()), "log-lik", "ESS", "S loss", "G loss"):  # noqa: E501
         table.add_column(column, justify="right")
+    if three_units:
+        table.add_column("R loss", justify="right")
     for line in history:
-        cell = lambda key, fmt="{:.3f}": fmt.format(line[key]) if key in line else "-"  # noqa: E731
+        digits = "{:.2f}" if three_units else "{:.3f}"  # (two more columns in 80)
+        cell = lambda key, fmt=digits: fmt.format(line[key]) if key in line else "-"  # noqa: E731
+        retriever = [cell("retriever_loss", "{:.2f}")] if three_units else []
         table.add_row(
             str(line["iteration"]),
             "before" if line["stage"] == "before_warmup" else "",
             cell("em"),
             cell("f1"),
             cell("recall"),
-            cell("answer_log_likelihood", "{:.2f}"),
+            *([cell("pool_recall", "{:.2f}")] if three_units else []),
+            cell("answer_log_likelihood", "{:.1f}" if three_units else "{:.2f}"),
             cell("ess", "{:.1f}/" + str(num_samples)),
             cell("selector_loss", "{:.2f}"),
             cell("generator_loss", "{:.2f}"),
+            *retriever,
         )
     return table
 

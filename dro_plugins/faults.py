@@ -2,7 +2,8 @@
 the n-th time (default the first) the loop reaches the named point. Unset, a crash point does nothing.
 ``DRO_KILL_SIGNAL`` (e.g. ``SIGTERM``) sends another signal instead, as a scheduler or ``docker stop`` would.
 
-Named points: ``tiny-model-written``, ``warmup``, ``e-step``, ``samples-written``, ``m-step``, ``validation``,
+Named points: ``tiny-model-written``, ``warmup``, ``e-step``, ``samples-written``, ``m-step`` (after each M-step batch;
+``m-step-selector``, ``m-step-generator``, ``m-step-retriever`` after each role's optimizer step in it), ``validation``,
 ``metrics-appended``, ``checkpoint-written``, ``checkpoint-swap``, ``best-published``, ``report``.
 """
 

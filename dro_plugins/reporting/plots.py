@@ -82,8 +82,10 @@ def draw(run_dir: Path) -> list[Path]:
     save(figure, "e_step.png")
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for role in ("selector", "generator"):
+    for role in ("selector", "generator", "retriever"):
         losses = [loss for line in lines for loss in line.get(f"{role}_losses", [])]
+        if not losses:
+            continue
         axis.plot(range(1, len(losses) + 1), losses, label=f"{role} loss")
     axis.set(xlabel="M-step optimizer step", ylabel="importance-weighted loss", title="M-step losses")
     axis.legend()

@@ -49,11 +49,11 @@ def scalars(line: dict, prefix: str = "") -> dict[str, float]:
 
 def step_losses(line: dict) -> dict[str, list[float]]:
     """Per-optimizer-step M-step losses of a metrics line, by scalar name."""
-    return {f"m_step/{role}_loss": line[f"{role}_losses"] for role in ("selector", "generator") if line.get(f"{role}_losses")}
+    return {f"m_step/{role}_loss": line[f"{role}_losses"] for role in ("selector", "generator", "retriever") if line.get(f"{role}_losses")}
 
 
 def optimizer_steps(line: dict) -> int:
-    """M-step optimizer steps behind a metrics line (the longer of the two roles' loss lists)."""
+    """M-step optimizer steps behind a metrics line (the longest of the roles' loss lists)."""
     return max((len(v) for v in step_losses(line).values()), default=0)
 
 

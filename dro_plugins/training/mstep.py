@@ -80,8 +80,8 @@ def optimizer_step(
     Raises:
         TrainingError: ``dro.max_nan_batches`` non-finite steps in a row.
     """
-    score = {"selector": session.selector.log_prob, "generator": session.generator.log_likelihood}.get(role)
-    score = score or session.retriever.log_prob
+    model = {"selector": session.selector, "generator": session.generator, "retriever": session.retriever}[role]
+    score = model.log_likelihood if role == "generator" else model.log_prob
     objective = generator_loss if role == "generator" else selector_loss
     runtime, unit = session.runtime, session.units[role]
     mine = list(runtime.shard(len(batch)))
