@@ -21,6 +21,7 @@ def _sha(path):
 
 def test_run_entries_and_their_partial_twins_are_recognised_and_nothing_else():
     assert is_run_entry("metrics.jsonl") and is_run_entry("report.json.partial") and is_run_entry("checkpoint.old")
+    assert is_run_entry("retriever")  # the third unit's query tower: --restart removes it with the rest
     assert not is_run_entry("notes.txt") and not is_run_entry("train.jsonl") and not is_run_entry("config.yaml.bak")
 
 

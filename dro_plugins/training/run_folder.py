@@ -24,7 +24,8 @@ Layout::
     dro-error.log        the traceback of an internal error
 
 With ``selector.kind: retriever``, ``selector/`` is the best query tower as a sentence-transformers folder, and
-``index/`` keeps the document tower's embeddings of ``selector.corpus`` (computed once per run).
+``index/`` keeps the document tower's embeddings of ``selector.corpus`` (computed once per run); with
+``retriever.train`` the best query tower is ``retriever/`` (and ``index/`` holds ``retriever.corpus``'s embeddings).
 
 A run claims its ``output_dir`` by writing the marker. From then on the folder is a run folder:
 ``--restart`` removes the entries a run writes (:data:`RUN_ENTRIES`) and keeps every other file (a user's notes
@@ -102,7 +103,8 @@ class RunPaths:
         return self.root / "attribution" / f"iteration_{iteration:03d}{suffix}.json"
 
     def adapter(self, role: str) -> Path:
-        """Best adapter folder of ``role`` ("selector" or "generator")."""
+        """Best unit folder of ``role``: "selector", "generator" (LoRA adapters, or a query tower for a retriever
+        selector) or "retriever" (the third unit's query tower, ``retriever.train``)."""
         return self.root / role
 
     def tiny_base(self, role: str) -> Path:
@@ -155,7 +157,8 @@ class RunPaths:
         """Names a run writes directly under its folder."""
         top = [self.marker, self.lock, self.config, self.metrics, self.report, self.checkpoint, self.samples, self.index,
                self.plots, self.tensorboard, self.wandb, self.generator_model, self.pipeline, self.document_embedder, self.fingerprint, self.error_log,
-               self.attribution(0).parent, self.tiny_base("selector").parent, self.adapter("selector"), self.adapter("generator")]
+               self.attribution(0).parent, self.tiny_base("selector").parent, self.adapter("selector"), self.adapter("generator"),
+               self.adapter("retriever")]
         names = {path.relative_to(self.root).parts[0] for path in top}
         return frozenset(names | {self.checkpoint.name + ".tmp", self.checkpoint.name + ".old"})
 
