@@ -165,6 +165,16 @@ def test_retriever_train_needs_an_lm_selector(write_config):
         }))
 
 
+def test_an_output_dir_holding_the_retrievers_corpus_is_refused(tmp_path):
+    """``--restart`` there would delete the user's corpus: the retriever's corpus counts as an input like any other."""
+    from dro_plugins.config import RunConfig
+    from dro_plugins.training.run_folder import config_inputs
+
+    corpus = tmp_path / "data" / "corpus.jsonl"
+    config = RunConfig.model_validate(three_unit_tree(tmp_path, corpus))
+    assert corpus in config_inputs(config, None)
+
+
 def _optimize(root: Path, name: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
     tree = three_unit_tree(root, root / "corpus.jsonl", dro={"iterations": 2, "patience": 5}) | {"output_dir": str(root / name)}
     (root / f"{name}.yaml").write_text(yaml.safe_dump(tree))

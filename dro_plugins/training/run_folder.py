@@ -276,7 +276,7 @@ def config_inputs(config, config_path: Path | None) -> list[Path]:
         config_path: the YAML file it was loaded from, or None when built in Python.
     """
     paths = [config_path, config.data.train, config.data.validation, config.documents]
-    for section in (config.selector, config.generator):
+    for section in (config.selector, config.generator, config.retriever):
         for field in ("model", "document_model"):
             value = getattr(section, field, None)
             if value is not None and Path(value).is_absolute():
