@@ -147,12 +147,12 @@ class LlamaIndexPipeline:
                 "without one when the factory is called with no arguments (DRO trains the selector that serving adds last)"
             )
         key = {"selector": "selector.kind retriever", "retriever": "retriever.train"}.get(config.retriever_role)
-        instead = "selector.kind lm" if config.selector.kind == "retriever" else "remove retriever.train"
+        instead = "selector.kind lm" if config.selector.kind == "retriever" else "no retriever.train"
         if key is not None and self.postprocessors:
             raise PipelineError(
                 f"{key} trains on the retriever's own top nodes (its Plackett-Luce pool), but the engine's node "
-                f"postprocessors ({', '.join(self.postprocessors)}) change them first; {instead} (the LM selector then "
-                "selects from their output)"
+                f"postprocessors ({', '.join(self.postprocessors)}) change them first; use {instead} (the LM selector "
+                "then selects from their output)"
             )
         embed_model = getattr(self.retriever, "_embed_model", None)  # VectorIndexRetriever's; no public accessor
         self.query_encoder_model = getattr(embed_model, "model_name", None) if type(embed_model).__name__ == "HuggingFaceEmbedding" else None
