@@ -330,6 +330,12 @@ class RunConfig(_Section):
         (``selector.kind: retriever``), ``"retriever"`` (``retriever.train``, in front of an LM selector), or None."""
         return "selector" if self.selector.kind == "retriever" else "retriever" if self.retriever.train else None
 
+    @property
+    def retriever_key(self) -> str | None:
+        """The config setting that makes this run train a query tower, for messages: ``"selector.kind retriever"``,
+        ``"retriever.train"``, or None (:attr:`retriever_role`)."""
+        return {"selector": "selector.kind retriever", "retriever": "retriever.train"}.get(self.retriever_role)
+
     @model_validator(mode="after")
     def _corpus_normalization_has_a_corpus(self) -> RunConfig:
         if self.retriever.train and self.retriever.normalization == "corpus" and self.retriever.corpus is None:

